@@ -66,7 +66,8 @@ def softmax(logits: Array) -> Array:
 def entropy_from_logp(logp: Array) -> Array:
     r"""Shannon entropy ``H = -sum_i p_i log p_i`` from log-probabilities ``(..., V) -> (...)``.
 
-    Entries with ``log p_i = -inf`` contribute exactly 0 (the limit of ``p log p``).
+    Entries with ``log p_i = -inf`` contribute exactly 0 (the limit of ``p log p``). ``docs/equations.md``
+    §1 (arXiv 2602.03392 §3).
 
     Example:
         >>> import numpy as np

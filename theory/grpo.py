@@ -79,6 +79,9 @@ def grpo_advantages(
     if G == 1:  # singleton group: mean 0, std 1 (verl / Trinity-RFT convention)
         return r if scale == "none" else r / (1.0 + eps)
     centred = r - xp.mean(r, axis=-1, keepdims=True)  # (..., G)
+    # an all-equal group gets exactly 0 (the float mean of equal values can be off by an ulp)
+    tied = xp.max(r, axis=-1, keepdims=True) == xp.min(r, axis=-1, keepdims=True)  # (..., 1)
+    centred = xp.where(tied, xp.zeros_like(centred), centred)
     if scale == "none":
         return centred
     if scale == "group":
