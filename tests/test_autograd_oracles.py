@@ -74,7 +74,7 @@ def test_outputs_are_differentiable_gradcheck():
         "entropy_change_second_order": (T.entropy_change_second_order, (z, dz)),
         "exact_entropy_change": (T.exact_entropy_change, (z, dz)),
         "entropy_hessian": (T.entropy_hessian, (z,)),
-        "s_star": (T.s_star, (z[:, 0] - 2.0, torch.tensor([1.0, 0.5], dtype=torch.float64, requires_grad=True))),
+        "s_star": (T.s_star, (z[:, 0] - 2.0, torch.tensor([1.0, 0.5], dtype=torch.float64).requires_grad_())),
     }
     for name, (fn, args) in checks.items():
         assert torch.autograd.gradcheck(fn, args), name
