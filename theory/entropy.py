@@ -21,7 +21,7 @@ def log_softmax(logits: Array) -> Array:
     .. math:: \log p_i = z_i - \log\sum_j e^{z_j}
 
     Computed with the row maximum subtracted first, so ``|z|`` up to 1e4 (and beyond) in float32 loses
-    no precision. A ``-inf`` logit gives ``log p_i = -inf`` exactly.
+    no precision. A ``-inf`` logit gives ``log p_i = -inf`` exactly. ``docs/equations.md`` §1.
 
     Args:
         logits: ``(..., V)`` logits.
@@ -45,6 +45,8 @@ def softmax(logits: Array) -> Array:
     r"""Probabilities ``p_i = exp(z_i) / sum_j exp(z_j)`` over the last axis.
 
     .. math:: p_i = \frac{e^{z_i}}{\sum_j e^{z_j}}
+
+    The policy of the tabular setting, ``docs/equations.md`` §1 (arXiv 2602.03392 §3).
 
     Args:
         logits: ``(..., V)`` logits; ``-inf`` marks a masked entry (probability exactly 0).

@@ -300,7 +300,8 @@ def exact_entropy_change(logits: Array, dz: Array) -> Array:
 
     where ``log sum_j p_j e^{dz_j}`` is ``log1p(sum_j p_j expm1(dz_j))`` for ``|dz| <= 1`` and a shifted
     log-sum-exp otherwise, and ``q_i - p_i = p_i expm1(d_i)``: each term keeps full relative precision,
-    so the result is accurate even when ``|dz| ~ 1e-6`` in float32.
+    so the result is accurate even when ``|dz| ~ 1e-6`` in float32. Derived in ``docs/equations.md`` §2.5;
+    the test oracle for (E3), (E4) and (E6).
 
     Args:
         logits: ``(..., V)`` logits.

@@ -44,7 +44,8 @@ def grpo_advantages(
     verl, the reference code), ``"batch"`` one std over all rewards in the array (TRL
     ``scale_rewards="batch"``), ``"none"`` no division (Dr. GRPO). ``correction=1`` is the unbiased
     ``n - 1`` estimator that all three frameworks use (``torch.std``); ``0`` the population std.
-    :data:`ADVANTAGE_PRESETS` lists each framework's ``(scale, correction, eps)``.
+    :data:`ADVANTAGE_PRESETS` lists each framework's ``(scale, correction, eps)``. ``docs/equations.md``
+    §4.1; GRPO is arXiv 2402.03300, Dr. GRPO arXiv 2503.20783.
 
     Defined results: a group whose rewards are all equal gets ``A = 0``; a singleton group (``G = 1``)
     uses mean 0 and std 1 as verl and the reference code do, so ``A = R / (1 + eps)``.
