@@ -8,6 +8,7 @@ arXiv 2602.03392 (entropy dynamics) and arXiv 2508.02260 (entropy-performance ex
 This package imports only ``array_api_compat`` (never torch).
 """
 
+from . import rules  # noqa: F401  (theory.rules: the rule interface)
 from .discriminator import (
     QUADRANTS,
     deviation,

@@ -1,0 +1,124 @@
+"""Batch statistics the rules share, written once against the array API (private).
+
+Everything returns arrays (0-d for scalars) and never converts to python numbers, so torch on an
+accelerator never synchronises with the host and ``torch.compile`` sees no graph break. Selection by
+rank (top-k, random subsets, quantiles) is done by sorting, because the number of tokens to select
+depends on the data (a fraction of the valid tokens) and a data-dependent python ``k`` would need a
+host sync.
+"""
+
+from __future__ import annotations
+
+import array_api_compat
+
+from .._xp import Array
+
+__all__ = [
+    "count",
+    "masked_mean",
+    "masked_std",
+    "safe_frac",
+    "topk_mask",
+    "quantile",
+    "relative_position",
+    "sequence_mean",
+    "scalar",
+]
+
+
+def _f(xp, x: Array, like: Array) -> Array:
+    return xp.astype(x, like.dtype)
+
+
+def count(xp, mask: Array, like: Array) -> Array:
+    """Number of True entries of ``mask`` as a 0-d float array of ``like``'s dtype."""
+    return xp.sum(_f(xp, mask, like))
+
+
+def masked_mean(xp, x: Array, mask: Array) -> Array:
+    """Mean of ``x`` over ``mask`` (0-d); 0 when the mask is empty."""
+    n = count(xp, mask, x)
+    total = xp.sum(xp.where(mask, x, xp.zeros_like(x)))
+    return total / xp.maximum(n, xp.ones_like(n))
+
+
+def masked_std(xp, x: Array, mask: Array, mean: Array | None = None) -> Array:
+    """Population standard deviation (denominator ``n``) of ``x`` over ``mask``; 0 when empty."""
+    if mean is None:
+        mean = masked_mean(xp, x, mask)
+    d = xp.where(mask, x - mean, xp.zeros_like(x))
+    n = count(xp, mask, x)
+    return xp.sqrt(xp.sum(d * d) / xp.maximum(n, xp.ones_like(n)))
+
+
+def safe_frac(xp, num: Array, den: Array) -> Array:
+    """``num / den`` with 0 where ``den == 0`` (a fraction of an empty set is reported as 0)."""
+    return num / xp.maximum(den, xp.ones_like(den))
+
+
+def topk_mask(xp, scores: Array, eligible: Array, k: Array) -> Array:
+    """Bool mask of the ``k`` largest ``scores`` among ``eligible`` entries, over all axes.
+
+    ``k`` is a 0-d integer array (data dependent, never read on the host). Ties at the threshold are
+    broken by position (lower flat index first), so exactly ``min(k, #eligible)`` entries are selected.
+    """
+    shape = tuple(scores.shape)
+    flat = xp.reshape(scores, (-1,))
+    elig = xp.reshape(eligible, (-1,))
+    N = flat.shape[0]
+    if N == 0:
+        return eligible
+    neg_inf = xp.full_like(flat, -float("inf"))
+    s = xp.where(elig, flat, neg_inf)
+    srt = xp.sort(s, descending=True)
+    k = xp.astype(k, xp.int64)
+    idx = xp.clip(k, 1, N) - 1
+    thr = xp.take(srt, xp.reshape(idx, (1,)), axis=0)  # (1,)
+    greater = elig & (s > thr)
+    n_greater = xp.sum(xp.astype(greater, xp.int64))
+    tie = elig & (s == thr)
+    tie_rank = xp.cumulative_sum(xp.astype(tie, xp.int64))  # 1-based rank among ties
+    chosen = greater | (tie & (tie_rank <= k - n_greater))
+    chosen = chosen & (k > 0)
+    return xp.reshape(chosen, shape)
+
+
+def quantile(xp, x: Array, mask: Array, q: float) -> Array:
+    """Linear-interpolation quantile of ``x`` over ``mask`` along the last axis: ``(..., n) -> (...)``.
+
+    Matches ``torch.quantile``/``numpy.quantile`` (method "linear") on the selected values. Rows with
+    no selected value give NaN.
+    """
+    big = xp.full_like(x, float("inf"))
+    srt = xp.sort(xp.where(mask, x, big), axis=-1)  # selected values first, ascending
+    srt = xp.where(xp.isfinite(srt), srt, xp.zeros_like(srt))
+    n = xp.sum(xp.astype(mask, xp.int64), axis=-1, keepdims=True)  # (..., 1)
+    pos = q * xp.astype(xp.maximum(n - 1, xp.zeros_like(n)), x.dtype)  # (..., 1)
+    lo = xp.astype(xp.floor(pos), xp.int64)
+    hi = xp.minimum(lo + 1, xp.maximum(n - 1, xp.zeros_like(n)))
+    v_lo = xp.take_along_axis(srt, lo, axis=-1)
+    v_hi = xp.take_along_axis(srt, hi, axis=-1)
+    out = v_lo + (pos - xp.astype(lo, x.dtype)) * (v_hi - v_lo)
+    nan = xp.full_like(out, float("nan"))
+    return xp.squeeze(xp.where(n > 0, out, nan), axis=-1)
+
+
+def relative_position(xp, valid: Array, like: Array) -> Array:
+    """``r = (t - 1) / |o_i|`` on valid tokens (``t`` counts valid tokens from 1), 0 elsewhere."""
+    v = xp.astype(valid, like.dtype)
+    t = xp.cumulative_sum(v, axis=-1)  # (B, T)
+    length = xp.sum(v, axis=-1, keepdims=True)  # (B, 1)
+    r = (t - 1.0) / xp.maximum(length, xp.ones_like(length))
+    return xp.where(valid, r, xp.zeros_like(r))
+
+
+def sequence_mean(xp, x: Array, valid: Array) -> tuple[Array, Array]:
+    """Per-sequence mean of ``x`` over valid tokens, ``(B, T) -> (B,)``, and the ``(B,)`` has-tokens mask."""
+    n = xp.sum(xp.astype(valid, x.dtype), axis=-1)
+    total = xp.sum(xp.where(valid, x, xp.zeros_like(x)), axis=-1)
+    return total / xp.maximum(n, xp.ones_like(n)), n > 0
+
+
+def scalar(xp, like: Array, value: float) -> Array:
+    """A 0-d array holding ``value`` with ``like``'s dtype and device."""
+    return xp.asarray(value, dtype=like.dtype, device=array_api_compat.device(like))
