@@ -30,8 +30,10 @@ class EntropyBonus(Rule):
     * ``"cosine"``: ``final + (coef - final)(1 + cos(π s / total_steps)) / 2``;
     * ``adaptive=True`` (target-entropy controller, TRL/Skywork-OR1): the state ``c`` starts at ``coef``;
       the bonus applies only while the batch's mean entropy is ``<= target``; after each call
-      ``c ← clip(c + delta, lo, hi)`` if the mean entropy is below ``target``, else ``c - delta``.
-      The state is a 0-d array passed back in (``state=``), so no host sync.
+      ``c ← clip(c + delta, coef_min, coef_max)`` if the mean entropy is ``<= target``, else ``c - delta``.
+      The state is a 0-d array passed back in (``state=``), so no host sync. Known difference: TRL
+      gates with the *previous* step's entropy (it learns the current one inside the loss); here the
+      batch's own entropy, known before the loss, gates and updates.
 
     ``coef = 1e-3`` is verl's former GRPO default (later set to 0 after entropy explosions); TRL's
     default is 0 (off). Output: ``entropy_coef`` on valid tokens.
@@ -84,7 +86,7 @@ class EntropyBonus(Rule):
         c = scalar(xp, zeros, self.coef) if state is None else xp.astype(state, zeros.dtype)
         h_mean = masked_mean(xp, H, valid)
         applied = xp.where(h_mean <= self.target, c, xp.zeros_like(c))
-        step = xp.where(h_mean < self.target, xp.zeros_like(c) + self.delta, xp.zeros_like(c) - self.delta)
+        step = xp.where(h_mean <= self.target, xp.zeros_like(c) + self.delta, xp.zeros_like(c) - self.delta)
         new_c = xp.clip(c + step, self.coef_min, self.coef_max)
         return RuleOutput(
             keep=valid,
