@@ -795,14 +795,24 @@ def test_stage_detector_entropy_only_and_absorbing():
     assert st.stage == "plateau" and st.plateau_step == ps
 
 
-def test_stage_detector_not_before_window():
-    det = R.StageDetector(window=50)
+def test_stage_detector_not_before_window_and_ema_warmup():
+    det = R.StageDetector(window=50, ema=0.9)
+    assert det.warmup_steps == 50 + 9  # window + ceil(ema / (1 - ema))
     st = det.init()
-    for _ in range(50):
-        st = det.update(st, 1.0, 0.5)  # perfectly flat, but only 50 values (< window + 1)
+    for _ in range(det.warmup_steps):
+        st = det.update(st, 1.0, 0.5)  # perfectly flat, but still inside the warm-up
     assert st.stage == "rising"
     st = det.update(st, 1.0, 0.5)
-    assert st.stage == "plateau" and st.plateau_step == 51
+    assert st.stage == "plateau" and st.plateau_step == det.warmup_steps + 1
+
+
+def test_stage_detector_gentle_fall_is_not_an_early_plateau():
+    """A steady 15 % fall per window must not read as flat just because the EMA starts lagging."""
+    det = R.StageDetector(window=20, ema=0.9, tau_entropy=0.1)
+    st = det.init()
+    for s in range(1, 120):
+        st = det.update(st, 3.0 * (0.85 ** (s / 20)))
+    assert st.stage == "rising"
 
 
 def test_stage_detector_override_step():
@@ -943,8 +953,16 @@ def test_make_rule_errors_name_the_culprit(spec, word):
 def test_make_rule_invalid_values_raise():
     with pytest.raises(ValueError, match="variant"):
         R.make_rule("clip_b:variant=both")
-    with pytest.raises(ValueError, match="true/false"):
+    with pytest.raises(ValueError, match="clip_v.center expects true or false"):
         R.make_rule("clip_v:center=1")
+    with pytest.raises(ValueError, match="clip_b.mu expects a number"):
+        R.make_rule("clip_b:mu=abc")
+    with pytest.raises(ValueError, match="unknown parameter 'muu'"):
+        R.make_rule({"name": "clip_b", "muu": 2})
+    with pytest.raises(ValueError, match="not a token rule"):
+        R.make_rule("clip_b+stage_detector")
+    assert R.make_rule("clip_cov:ub=1e+9").ub == 1e9  # '+' inside a number is not a separator
+    assert R.make_rule("clip_b:mu=1e-3+kl_cov").rules[0].mu == 1e-3
     with pytest.raises(ValueError, match="mu"):
         R.make_rule("clip_b:mu=0")
     with pytest.raises(ValueError, match="frac"):

@@ -18,6 +18,8 @@ __all__ = [
     "masked_mean",
     "masked_std",
     "safe_frac",
+    "metric",
+    "AXES",
     "topk_mask",
     "quantile",
     "relative_position",
@@ -26,29 +28,32 @@ __all__ = [
 ]
 
 
+AXES = (-2, -1)  #: the (B, T) axes a batch statistic reduces over; leading axes are independent batches
+
+
 def _f(xp, x: Array, like: Array) -> Array:
     return xp.astype(x, like.dtype)
 
 
 def count(xp, mask: Array, like: Array) -> Array:
-    """Number of True entries of ``mask`` as a 0-d float array of ``like``'s dtype."""
-    return xp.sum(_f(xp, mask, like))
+    """Number of True entries over the last two axes, ``(..., B, T) -> (..., 1, 1)``, as floats."""
+    return xp.sum(_f(xp, mask, like), axis=AXES, keepdims=True)
 
 
-def masked_mean(xp, x: Array, mask: Array) -> Array:
-    """Mean of ``x`` over ``mask`` (0-d); 0 when the mask is empty."""
-    n = count(xp, mask, x)
-    total = xp.sum(xp.where(mask, x, xp.zeros_like(x)))
+def masked_mean(xp, x: Array, mask: Array, axis=AXES) -> Array:
+    """Mean of ``x`` over ``mask`` along ``axis`` (kept as size-1 axes); 0 where the mask is empty."""
+    n = xp.sum(_f(xp, mask, x), axis=axis, keepdims=True)
+    total = xp.sum(xp.where(mask, x, xp.zeros_like(x)), axis=axis, keepdims=True)
     return total / xp.maximum(n, xp.ones_like(n))
 
 
 def masked_std(xp, x: Array, mask: Array, mean: Array | None = None) -> Array:
-    """Population standard deviation (denominator ``n``) of ``x`` over ``mask``; 0 when empty."""
+    """Population standard deviation (denominator ``n``) over ``mask`` and the last two axes; 0 if empty."""
     if mean is None:
         mean = masked_mean(xp, x, mask)
     d = xp.where(mask, x - mean, xp.zeros_like(x))
     n = count(xp, mask, x)
-    return xp.sqrt(xp.sum(d * d) / xp.maximum(n, xp.ones_like(n)))
+    return xp.sqrt(xp.sum(d * d, axis=AXES, keepdims=True) / xp.maximum(n, xp.ones_like(n)))
 
 
 def safe_frac(xp, num: Array, den: Array) -> Array:
@@ -56,30 +61,35 @@ def safe_frac(xp, num: Array, den: Array) -> Array:
     return num / xp.maximum(den, xp.ones_like(den))
 
 
-def topk_mask(xp, scores: Array, eligible: Array, k: Array) -> Array:
-    """Bool mask of the ``k`` largest ``scores`` among ``eligible`` entries, over all axes.
+def metric(xp, x: Array) -> Array:
+    """A statistic with kept ``(1, 1)`` batch axes -> one value per independent batch, shape ``(...)``."""
+    return xp.squeeze(x, axis=AXES) if x.ndim >= 2 else x
 
-    ``k`` is a 0-d integer array (data dependent, never read on the host). Ties at the threshold are
-    broken by position (lower flat index first), so exactly ``min(k, #eligible)`` entries are selected.
+
+def topk_mask(xp, scores: Array, eligible: Array, k: Array) -> Array:
+    """Bool mask of the ``k`` largest ``scores`` among ``eligible`` entries of each ``(B, T)`` batch.
+
+    ``scores``/``eligible`` are ``(..., B, T)``; ``k`` is an integer array of shape ``(..., 1, 1)`` (data
+    dependent, never read on the host). Ties at the threshold are broken by position (lower flat index
+    first), so exactly ``min(k, #eligible)`` entries are selected per batch.
     """
     shape = tuple(scores.shape)
-    flat = xp.reshape(scores, (-1,))
-    elig = xp.reshape(eligible, (-1,))
-    N = flat.shape[0]
-    if N == 0:
+    lead = shape[:-2]
+    n = shape[-2] * shape[-1]
+    if n == 0:
         return eligible
-    neg_inf = xp.full_like(flat, -float("inf"))
-    s = xp.where(elig, flat, neg_inf)
-    srt = xp.sort(s, descending=True)
-    k = xp.astype(k, xp.int64)
-    idx = xp.clip(k, 1, N) - 1
-    thr = xp.take(srt, xp.reshape(idx, (1,)), axis=0)  # (1,)
+    flat = xp.reshape(scores, lead + (n,))
+    elig = xp.reshape(eligible, lead + (n,))
+    s = xp.where(elig, flat, xp.full_like(flat, -float("inf")))
+    srt = xp.sort(s, axis=-1, descending=True)
+    k = xp.reshape(xp.astype(k, xp.int64), lead + (1,))
+    idx = xp.clip(k, 1, n) - 1
+    thr = xp.take_along_axis(srt, idx, axis=-1)  # (..., 1)
     greater = elig & (s > thr)
-    n_greater = xp.sum(xp.astype(greater, xp.int64))
+    n_greater = xp.sum(xp.astype(greater, xp.int64), axis=-1, keepdims=True)
     tie = elig & (s == thr)
-    tie_rank = xp.cumulative_sum(xp.astype(tie, xp.int64))  # 1-based rank among ties
-    chosen = greater | (tie & (tie_rank <= k - n_greater))
-    chosen = chosen & (k > 0)
+    tie_rank = xp.cumulative_sum(xp.astype(tie, xp.int64), axis=-1)  # 1-based rank among ties
+    chosen = (greater | (tie & (tie_rank <= k - n_greater))) & (k > 0)
     return xp.reshape(chosen, shape)
 
 
@@ -113,7 +123,7 @@ def relative_position(xp, valid: Array, like: Array) -> Array:
 
 
 def sequence_mean(xp, x: Array, valid: Array) -> tuple[Array, Array]:
-    """Per-sequence mean of ``x`` over valid tokens, ``(B, T) -> (B,)``, and the ``(B,)`` has-tokens mask."""
+    """Per-sequence mean of ``x`` over valid tokens, ``(..., B, T) -> (..., B)``, and the has-tokens mask."""
     n = xp.sum(xp.astype(valid, x.dtype), axis=-1)
     total = xp.sum(xp.where(valid, x, xp.zeros_like(x)), axis=-1)
     return total / xp.maximum(n, xp.ones_like(n)), n > 0

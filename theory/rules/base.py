@@ -20,6 +20,7 @@ gradient; every ratio is a fraction in [0, 1].
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -37,10 +38,12 @@ __all__ = [
 ]
 
 
-def stop_gradient(x: Array | None) -> Array | None:
-    """Detach a torch tensor from the autograd graph; any other array is returned unchanged."""
+def stop_gradient(x: Any) -> Any:
+    """Detach torch tensors (also inside tuples) from the autograd graph; anything else is unchanged."""
     if x is None:
         return None
+    if isinstance(x, tuple):
+        return tuple(stop_gradient(v) for v in x)
     detach = getattr(x, "detach", None)
     return detach() if callable(detach) else x
 
@@ -48,6 +51,10 @@ def stop_gradient(x: Array | None) -> Array | None:
 @dataclass(frozen=True)
 class TokenBatch:
     """Per-token statistics of one training batch, every array ``(B, T)`` in one namespace.
+
+    Leading axes are allowed, ``(..., B, T)``: each leading index is an independent batch with its own
+    statistics (the toy runs many seeds at once this way); ``group`` is then ``(..., B)`` and every
+    metric has shape ``(...)``.
 
     Attributes:
         logp: log-prob of each sampled token under the current policy.
@@ -76,14 +83,14 @@ class TokenBatch:
 
     def __post_init__(self):
         shape = tuple(self.logp.shape)
-        if len(shape) != 2:
-            raise ValueError(f"logp must have shape (B, T), got {shape}")
+        if len(shape) < 2:
+            raise ValueError(f"logp must have shape (B, T) or (..., B, T), got {shape}")
         for name in ("adv", "valid", "old_logp", "entropy", "baseline", "position"):
             a = getattr(self, name)
             if a is not None and tuple(a.shape) != shape:
                 raise ValueError(f"{name} must have the shape of logp {shape}, got {tuple(a.shape)}")
-        if self.group is not None and tuple(self.group.shape) != shape[:1]:
-            raise ValueError(f"group must have shape (B,) = {shape[:1]}, got {tuple(self.group.shape)}")
+        if self.group is not None and tuple(self.group.shape) != shape[:-1]:
+            raise ValueError(f"group must have shape (..., B) = {shape[:-1]}, got {tuple(self.group.shape)}")
         if self.stage not in (None, "rising", "plateau"):
             raise ValueError(f"stage must be 'rising', 'plateau' or None, got {self.stage!r}")
         xp = namespace(self.logp)
@@ -160,7 +167,7 @@ class Rule:
     def __call__(self, batch: TokenBatch, *, noise: Array | None = None, state: Any = None) -> RuleOutput:
         for name in self.needs:
             batch.require(name, type(self).__name__)
-        return self.apply(batch.detached(), noise=stop_gradient(noise), state=state)
+        return self.apply(batch.detached(), noise=stop_gradient(noise), state=stop_gradient(state))
 
     def apply(self, batch: TokenBatch, *, noise: Array | None, state: Any) -> RuleOutput:  # pragma: no cover
         raise NotImplementedError
@@ -192,26 +199,37 @@ class Compose(Rule):
     name: ClassVar[str] = "compose"
     source: ClassVar[str] = "this project"
 
+    def __post_init__(self):
+        if not self.rules:
+            raise ValueError("Compose needs at least one rule")
+        for r in self.rules:
+            if not isinstance(r, Rule):
+                raise ValueError(f"Compose takes token rules, got {type(r).__name__}")
+
     def init_state(self):
         return tuple(r.init_state() for r in self.rules)
 
     def __call__(self, batch: TokenBatch, *, noise: Array | None = None, state: Any = None) -> RuleOutput:
-        states = state if state is not None else self.init_state()
+        batch, noise = batch.detached(), stop_gradient(noise)
+        states = stop_gradient(state) if state is not None else self.init_state()
         if len(states) != len(self.rules):
             raise ValueError(f"state must hold one entry per rule ({len(self.rules)}), got {len(states)}")
         keep, adv = batch.valid, batch.adv
         weight = kl = ent = None
         metrics: dict[str, Any] = {}
         new_states = []
-        for rule, st in zip(self.rules, states, strict=True):
+        names = [r.name for r in self.rules]
+        for i, (rule, st) in enumerate(zip(self.rules, states, strict=True)):
             out = rule(batch.replace(adv=adv), noise=noise, state=st)
+            repeat = names[: i + 1].count(rule.name)
+            prefix = rule.name if names.count(rule.name) == 1 else f"{rule.name}#{repeat}"
             keep = keep & out.keep
             adv = out.adv
             weight = _combine(weight, out.weight, lambda x, y: x * y)
             kl = _combine(kl, out.kl_coef, lambda x, y: x + y)
             ent = _combine(ent, out.entropy_coef, lambda x, y: x + y)
             for k, v in out.metrics.items():
-                metrics[k if "/" in k else f"{rule.name}/{k}"] = v
+                metrics[f"{prefix}/{k}"] = v
             new_states.append(out.state)
         return RuleOutput(keep, adv, weight, kl, ent, metrics, tuple(new_states))
 
@@ -230,22 +248,46 @@ def register(cls):
     return cls
 
 
-def _parse_value(text: str, current: Any):
+def _parse_value(text: str, current: Any, where: str):
+    """Parse one spec value using the type of the field's default ``current``."""
+    text = text.strip()
     low = text.lower()
-    if isinstance(current, bool) or low in ("true", "false"):
-        if low not in ("true", "false"):
-            raise ValueError(f"expected true/false, got {text!r}")
-        return low == "true"
     if low in ("none", "null"):
         return None
-    for cast in (int, float):
+    if isinstance(current, bool):
+        if low not in ("true", "false"):
+            raise ValueError(f"{where} expects true or false, got {text!r}")
+        return low == "true"
+    if isinstance(current, (int, float)):
         try:
-            return cast(text)
+            value = float(text)
         except ValueError:
-            pass
-    if "," in text:
-        return tuple(_parse_value(t, None) for t in text.split(","))
+            raise ValueError(f"{where} expects a number, got {text!r}") from None
+        return int(value) if isinstance(current, int) and value.is_integer() and "." not in text else value
+    if current is None:
+        for cast in (int, float):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
     return text
+
+
+def _build(cls, kwargs: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown parameter {unknown[0]!r}; parameters: {', '.join(sorted(names))}")
+    return cls(**kwargs)
+
+
+def _token_rule_class(name: str):
+    if name not in RULES:
+        raise ValueError(f"unknown rule {name!r}; registered: {', '.join(sorted(RULES))}")
+    cls = RULES[name]
+    if not (isinstance(cls, type) and issubclass(cls, Rule)):
+        raise ValueError(f"{name!r} is a {getattr(cls, 'kind', 'helper')}, not a token rule")
+    return cls
 
 
 def make_rule(spec: str | dict | Rule) -> Rule:
@@ -259,32 +301,30 @@ def make_rule(spec: str | dict | Rule) -> Rule:
         return spec
     if isinstance(spec, dict):
         spec = dict(spec)
-        name = spec.pop("name", None)
-        if name not in RULES:
-            raise ValueError(f"unknown rule {name!r}; registered: {', '.join(sorted(RULES))}")
-        return RULES[name](**spec)
-    parts = [p for p in str(spec).split("+") if p.strip()]
+        name = str(spec.pop("name", None)).replace("-", "_")
+        return _build(_token_rule_class(name), spec, name)
+    # "+" separates rules only when a rule name follows, so "1e+9" stays a number
+    parts = [p for p in re.split(r"\+(?=\s*[A-Za-z_][A-Za-z0-9_-]*\s*(?::|\+|$))", str(spec)) if p.strip()]
     if not parts:
         raise ValueError("empty rule spec")
     rules = []
     for part in parts:
         name, _, params = part.strip().partition(":")
         name = name.strip().replace("-", "_")
-        if name not in RULES:
-            raise ValueError(f"unknown rule {name!r}; registered: {', '.join(sorted(RULES))}")
-        cls = RULES[name]
+        cls = _token_rule_class(name)
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         kwargs = {}
-        for item in filter(None, (s.strip() for s in params.split(","))):
+        for item in filter(None, (t.strip() for t in params.split(","))):
             key, eq, value = item.partition("=")
             key = key.strip()
             if not eq or key not in defaults:
                 raise ValueError(f"{name}: unknown parameter {key!r}; parameters: {', '.join(defaults)}")
+            where = f"{name}.{key}"
             if "/" in value:
-                kwargs[key] = tuple(_parse_value(v, None) for v in value.split("/"))
+                kwargs[key] = tuple(_parse_value(v, 0.0, where) for v in value.split("/"))
             else:
-                kwargs[key] = _parse_value(value.strip(), defaults[key])
-        rules.append(cls(**kwargs))
+                kwargs[key] = _parse_value(value, defaults[key], where)
+        rules.append(_build(cls, kwargs, name))
     return rules[0] if len(rules) == 1 else Compose(tuple(rules))
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..discriminator import s_star
-from ._stats import count, masked_mean, masked_std, quantile, safe_frac, topk_mask
+from ._stats import count, masked_mean, masked_std, metric, quantile, safe_frac, topk_mask
 from .base import Rule, RuleOutput, TokenBatch, register
 
 __all__ = ["ClipB", "ClipV", "ClipCov", "KLCov", "HighEntropyMask"]
@@ -33,10 +33,11 @@ def _polarity_metrics(xp, drop, batch: TokenBatch) -> dict:
     like = batch.logp
     valid, adv = batch.valid, batch.adv
     pos, neg = valid & (adv > 0), valid & (adv < 0)
+    frac = lambda sel, of: metric(xp, safe_frac(xp, count(xp, sel, like), count(xp, of, like)))  # noqa: E731
     return {
-        "clip_frac": safe_frac(xp, count(xp, drop, like), count(xp, valid, like)),
-        "clip_frac_pos": safe_frac(xp, count(xp, drop & pos, like), count(xp, pos, like)),
-        "clip_frac_neg": safe_frac(xp, count(xp, drop & neg, like), count(xp, neg, like)),
+        "clip_frac": frac(drop, valid),
+        "clip_frac_pos": frac(drop & pos, pos),
+        "clip_frac_neg": frac(drop & neg, neg),
     }
 
 
@@ -113,7 +114,7 @@ class ClipB(Rule):
             drop = valid & (_below(xp, z, self.mu, std) | _above(xp, z, hi, std))
         drop = drop & (std >= self.min_std)
         metrics = _polarity_metrics(xp, drop, batch)
-        metrics.update({"s_mean": mean, "s_std": std})
+        metrics.update({"s_mean": metric(xp, mean), "s_std": metric(xp, std)})
         return RuleOutput(keep=valid & ~drop, adv=adv, metrics=metrics)
 
 
@@ -188,14 +189,28 @@ class ClipV(Rule):
             drop = valid & (_below(xp, D - c, self.mu, std) | _above(xp, D - c, hi, std))
         drop = drop & (std >= self.min_std)
         metrics = _polarity_metrics(xp, drop, batch)
-        metrics.update({"d_mean": mean, "d_std": std})
+        metrics.update({"d_mean": metric(xp, mean), "d_std": metric(xp, std)})
         return RuleOutput(keep=valid & ~drop, adv=adv, metrics=metrics)
+
+
+def _centre(xp, x, valid):
+    """``x - mean_valid(x)``, with differences within rounding of the mean snapped to exactly 0.
+
+    Without the snap, equal values (e.g. one advantage shared by every valid token) centre to +-1e-17
+    depending on the backend's summation order, and that sign would decide a top-k choice.
+    """
+    d = x - masked_mean(xp, x, valid)
+    if x.shape[-1] * x.shape[-2] == 0:
+        return d
+    scale = xp.max(xp.where(valid, xp.abs(x), xp.zeros_like(x)), axis=(-2, -1), keepdims=True)
+    tol = 16 * xp.finfo(x.dtype).eps * scale
+    return xp.where(xp.abs(d) <= tol, xp.zeros_like(d), d)
 
 
 def _centred_cov(xp, batch: TokenBatch):
     """Per-token ``(A - Ā)(log p - mean log p)`` with both means over valid tokens (verl's Clip/KL-Cov)."""
     valid, adv, logp = batch.valid, batch.adv, batch.logp
-    cov = (adv - masked_mean(xp, adv, valid)) * (logp - masked_mean(xp, logp, valid))
+    cov = _centre(xp, adv, valid) * _centre(xp, logp, valid)
     return xp.where(valid, cov, xp.zeros_like(cov))
 
 
@@ -256,8 +271,8 @@ class ClipCov(Rule):
         metrics = _polarity_metrics(xp, chosen, batch)
         metrics.update(
             {
-                "candidate_frac": safe_frac(xp, count(xp, cand, logp), n_valid),
-                "cov_mean": masked_mean(xp, cov, valid),
+                "candidate_frac": metric(xp, safe_frac(xp, count(xp, cand, logp), n_valid)),
+                "cov_mean": metric(xp, masked_mean(xp, cov, valid)),
             }
         )
         return RuleOutput(keep=valid, adv=adv, weight=weight, metrics=metrics)
@@ -296,7 +311,7 @@ class KLCov(Rule):
         chosen = topk_mask(xp, cov, valid, _k_of(xp, self.frac, valid, logp))
         kl_coef = xp.where(chosen, xp.full_like(logp, self.coef), xp.zeros_like(logp))
         metrics = _polarity_metrics(xp, chosen, batch)
-        metrics.update({"cov_mean": masked_mean(xp, cov, valid)})
+        metrics.update({"cov_mean": metric(xp, masked_mean(xp, cov, valid))})
         metrics["penalised_frac"] = metrics.pop("clip_frac")
         return RuleOutput(keep=valid, adv=batch.adv, kl_coef=kl_coef, metrics=metrics)
 
@@ -324,10 +339,11 @@ class HighEntropyMask(Rule):
     def apply(self, batch, *, noise, state):
         xp = batch.xp
         valid, H = batch.valid, batch.entropy
-        flat_H = xp.reshape(H, (1, -1))
-        flat_v = xp.reshape(valid, (1, -1))
-        tau = quantile(xp, flat_H, flat_v, 1.0 - self.rho)[0]
-        drop = valid & (H < tau)
+        lead = tuple(H.shape[:-2])
+        flat_H = xp.reshape(H, lead + (-1,))
+        flat_v = xp.reshape(valid, lead + (-1,))
+        tau = quantile(xp, flat_H, flat_v, 1.0 - self.rho)  # (...)
+        drop = valid & (H < xp.expand_dims(xp.expand_dims(tau, axis=-1), axis=-1))
         metrics = _polarity_metrics(xp, drop, batch)
         metrics["entropy_threshold"] = tau
         return RuleOutput(keep=valid & ~drop, adv=batch.adv, metrics=metrics)

@@ -11,8 +11,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ._stats import masked_mean, scalar
+import array_api_compat
+
+from ._stats import count, masked_mean, metric, scalar
 from .base import Rule, RuleOutput, register
+
+
+def _device(x):
+    return array_api_compat.device(x)
 
 __all__ = ["EntropyBonus", "StageDetector", "StageState"]
 
@@ -83,15 +89,23 @@ class EntropyBonus(Rule):
                 metrics={"coef": scalar(xp, zeros, c)},
             )
         H = batch.require("entropy", "EntropyBonus(adaptive=True)")
-        c = scalar(xp, zeros, self.coef) if state is None else xp.astype(state, zeros.dtype)
-        h_mean = masked_mean(xp, H, valid)
-        applied = xp.where(h_mean <= self.target, c, xp.zeros_like(c))
-        step = xp.where(h_mean <= self.target, xp.zeros_like(c) + self.delta, xp.zeros_like(c) - self.delta)
-        new_c = xp.clip(c + step, self.coef_min, self.coef_max)
+        lead = tuple(zeros.shape[:-2])
+        if state is None:
+            c = xp.full(lead, self.coef, dtype=zeros.dtype, device=_device(zeros))
+        else:
+            c = xp.asarray(state, dtype=zeros.dtype, device=_device(zeros))
+            c = xp.broadcast_to(c, lead) if c.ndim == 0 else c
+        h_mean = metric(xp, masked_mean(xp, H, valid))  # (...)
+        has = metric(xp, count(xp, valid, zeros)) > 0  # an empty batch neither applies nor updates
+        low = (h_mean <= self.target) & has
+        applied = xp.where(low, c, xp.zeros_like(c))
+        step = xp.where(low, xp.zeros_like(c) + self.delta, xp.zeros_like(c) - self.delta)
+        new_c = xp.where(has, xp.clip(c + step, self.coef_min, self.coef_max), c)
+        applied_t = xp.expand_dims(xp.expand_dims(applied, axis=-1), axis=-1)  # (..., 1, 1)
         return RuleOutput(
             keep=valid,
             adv=batch.adv,
-            entropy_coef=xp.where(valid, zeros + applied, zeros),
+            entropy_coef=xp.where(valid, zeros + applied_t, zeros),
             metrics={"coef": applied, "entropy_mean": h_mean, "next_coef": new_c},
             state=new_c,
         )
@@ -116,15 +130,17 @@ class StageDetector:
 
     The paper splits training into a *rising* stage (accuracy up fast, entropy down sharply) and a
     *plateau* (both nearly flat) but gives no numeric rule. This detector is ours: it smooths each series
-    with an EMA (``ema`` = weight of the old value) and declares the plateau at the first step ``s`` with
-    at least ``window`` past values where, over the last ``window`` steps,
+    with an EMA (``ema`` = weight of the old value) and declares the plateau at the first step ``s`` where,
+    over the last ``window`` steps,
 
     * the relative entropy drop ``(H̄_{s-W} - H̄_s) / H̄_{s-W} < tau_entropy``, and
     * the accuracy gain ``ā_s - ā_{s-W} < tau_accuracy`` (skipped if no accuracy is given).
 
-    The plateau is absorbing. ``override_step`` forces the plateau from that step on (the paper's runs
-    switch at about step 200-250). Pure python on scalars: call :meth:`update` once per step with the
-    step's mean entropy and accuracy (as python floats), and pass ``state.stage`` to
+    Checking starts after ``window + ceil(ema / (1 - ema))`` steps: an EMA started at the first value lags
+    a trend by about ``ema / (1 - ema)`` steps, so an earlier window would under-measure the drop. The
+    plateau is absorbing. ``override_step`` replaces the criterion: the plateau starts exactly at that
+    step (the paper's runs switch at about step 200-250). Pure python on scalars: call :meth:`update`
+    once per step with the step's mean entropy and accuracy (as python floats), and pass ``state.stage`` to
     ``TokenBatch(stage=...)`` to gate :class:`~theory.rules.PositionBonus`.
     """
 
@@ -142,6 +158,11 @@ class StageDetector:
             raise ValueError(f"window must be >= 1, got {self.window!r}")
         if not (0.0 <= self.ema < 1.0):
             raise ValueError(f"ema must lie in [0, 1), got {self.ema!r}")
+
+    @property
+    def warmup_steps(self) -> int:
+        """Steps before the criterion is first checked: ``window + ceil(ema / (1 - ema))``."""
+        return self.window + math.ceil(self.ema / (1.0 - self.ema) - 1e-9)
 
     def init(self) -> StageState:
         return StageState()
@@ -165,7 +186,7 @@ class StageDetector:
         if self.override_step is not None:
             if step >= self.override_step and stage == "rising":
                 stage, plateau_step = "plateau", step
-        elif stage == "rising" and len(history) == self.window + 1:
+        elif stage == "rising" and len(history) == self.window + 1 and step > self.warmup_steps:
             h_old, a_old = history[0]
             rel_drop = (h_old - ema_h) / max(abs(h_old), 1e-12)
             flat_acc = True if (ema_a is None or a_old is None) else (ema_a - a_old) < self.tau_accuracy

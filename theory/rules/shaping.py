@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ._stats import count, masked_mean, quantile, relative_position, safe_frac, scalar, sequence_mean
+from ._stats import masked_mean, metric, quantile, relative_position, scalar, sequence_mean
 from .base import Rule, RuleOutput, register
 
 __all__ = ["PPLShaping", "PositionBonus", "ProbWeighted"]
@@ -51,39 +51,39 @@ class PPLShaping(Rule):
     def apply(self, batch, *, noise, state):
         xp = batch.xp
         valid, adv = batch.valid, batch.adv
-        ell, has = sequence_mean(xp, -batch.behaviour_logp(), valid)  # (B,), (B,)
+        ell, has = sequence_mean(xp, -batch.behaviour_logp(), valid)  # (..., B), (..., B)
         g = batch.group
-        same = xp.expand_dims(g, axis=1) == xp.expand_dims(g, axis=0)  # (B, B): same prompt
-        same = same & xp.expand_dims(has, axis=0)
-        vals = xp.broadcast_to(xp.expand_dims(ell, axis=0), same.shape)  # row i: the values ℓ_j
+        same = xp.expand_dims(g, axis=-1) == xp.expand_dims(g, axis=-2)  # (..., B, B): same prompt
+        same = same & xp.expand_dims(has, axis=-2)
+        vals = xp.broadcast_to(xp.expand_dims(ell, axis=-2), same.shape)  # row i: the values ℓ_j
         inside = same
         if self.robust:
-            q1 = xp.expand_dims(quantile(xp, vals, same, 0.25), axis=1)  # (B, 1)
-            q3 = xp.expand_dims(quantile(xp, vals, same, 0.75), axis=1)
+            q1 = xp.expand_dims(quantile(xp, vals, same, 0.25), axis=-1)  # (..., B, 1)
+            q3 = xp.expand_dims(quantile(xp, vals, same, 0.75), axis=-1)
             iqr = q3 - q1
             fenced = same & (vals >= q1 - self.fence * iqr) & (vals <= q3 + self.fence * iqr)
-            any_in = xp.any(fenced, axis=1, keepdims=True)
+            any_in = xp.any(fenced, axis=-1, keepdims=True)
             inside = xp.where(any_in, fenced, same)
         w_in = xp.astype(inside, ell.dtype)
-        n_in = xp.maximum(xp.sum(w_in, axis=1), xp.ones_like(ell))
-        mu = xp.sum(w_in * vals, axis=1) / n_in  # (B,)
-        dev = xp.where(inside, vals - xp.expand_dims(mu, axis=1), xp.zeros_like(vals))
-        sd = xp.sqrt(xp.sum(dev * dev, axis=1) / n_in)
+        n_in = xp.maximum(xp.sum(w_in, axis=-1), xp.ones_like(ell))
+        mu = xp.sum(w_in * vals, axis=-1) / n_in  # (..., B)
+        dev = xp.where(inside, vals - xp.expand_dims(mu, axis=-1), xp.zeros_like(vals))
+        sd = xp.sqrt(xp.sum(dev * dev, axis=-1) / n_in)
         sd = xp.where(sd < self.min_std, xp.ones_like(sd), sd)
         w = (ell - mu) / sd  # (B,)
         sign = -1.0 if self.direction == "low" else 1.0
         lo, hi = self.clamp
         factor = xp.clip(1.0 + sign * self.alpha * w, lo, hi)
-        factor = xp.where(has, factor, xp.ones_like(factor))  # (B,)
-        new_adv = adv * xp.expand_dims(factor, axis=1)
-        like = ell
+        factor = xp.where(has, factor, xp.ones_like(factor))  # (..., B)
+        new_adv = xp.where(valid, adv * xp.expand_dims(factor, axis=-1), adv)  # invalid tokens unchanged
         clamped = has & ((factor <= lo) | (factor >= hi)) & (lo < hi)
+        per_seq = lambda x: xp.squeeze(masked_mean(xp, x, has, axis=-1), axis=-1)  # noqa: E731  (...)
         metrics = {
-            "log_ppl_mean": masked_mean(xp, ell, has),
-            "w_abs_mean": masked_mean(xp, xp.abs(w), has),
-            "factor_min": xp.min(xp.where(has, factor, xp.full_like(factor, hi))),
-            "factor_max": xp.max(xp.where(has, factor, xp.full_like(factor, lo))),
-            "clamped_frac": safe_frac(xp, count(xp, clamped, like), count(xp, has, like)),
+            "log_ppl_mean": per_seq(ell),
+            "w_abs_mean": per_seq(xp.abs(w)),
+            "factor_min": xp.min(xp.where(has, factor, xp.full_like(factor, hi)), axis=-1),
+            "factor_max": xp.max(xp.where(has, factor, xp.full_like(factor, lo)), axis=-1),
+            "clamped_frac": per_seq(xp.astype(clamped, ell.dtype)),
         }
         return RuleOutput(keep=valid, adv=new_adv, metrics=metrics)
 
@@ -145,7 +145,7 @@ class PositionBonus(Rule):
         bonus = xp.minimum(self.alpha * s, self.cap * xp.abs(adv))
         bonus = xp.where(valid & (adv != 0), bonus, xp.zeros_like(bonus))
         new_adv = adv + xp.sign(adv) * bonus
-        metrics = {"active": scalar(xp, adv, 1.0), "bonus_mean": masked_mean(xp, bonus, valid)}
+        metrics = {"active": scalar(xp, adv, 1.0), "bonus_mean": metric(xp, masked_mean(xp, bonus, valid))}
         return RuleOutput(keep=valid, adv=new_adv, metrics=metrics)
 
 
@@ -178,5 +178,5 @@ class ProbWeighted(Rule):
         lp = batch.behaviour_logp() if self.prob_source == "old" else batch.logp
         factor = self.alpha * xp.exp(lp) + (1.0 - self.alpha)
         new_adv = xp.where(batch.valid, batch.adv * factor, batch.adv)
-        metrics = {"factor_mean": masked_mean(xp, factor, batch.valid)}
+        metrics = {"factor_mean": metric(xp, masked_mean(xp, factor, batch.valid))}
         return RuleOutput(keep=batch.valid, adv=new_adv, metrics=metrics)
