@@ -4,6 +4,10 @@ Modules:
 
 * :mod:`toy.demo`: theory vs exact simulation of one GRPO logit step on random softmax states
   (``entdyn demo``).
+* :mod:`toy.bandit`: K-armed, contextual and sequence softmax bandits (:class:`toy.bandit.Bandit`) and
+  vectorised inverse-CDF sampling.
+* :mod:`toy.grpo`: GRPO over many runs at once (:func:`toy.grpo.step`), any rule from
+  :mod:`theory.rules`, with predicted vs realised entropy change per update.
 
 Everything here is NumPy + matplotlib (never torch) and takes its formulas from :mod:`theory`.
 """

@@ -4,7 +4,7 @@ A one-step softmax bandit. Each of ``n`` states is a softmax policy over ``V`` t
 ``[4, 64]``, logits ``scale * N(0, 1)`` with ``scale`` log-uniform in ``[0.25, 8]`` so that entropies span
 almost deterministic to almost uniform). A token ``k ~ p`` is sampled on-policy, the advantage sign is
 ``+-1`` at random and one GRPO step moves the logits by ``dz = alpha (e_k - p)`` with ``alpha = sign * 0.05``
-(E5 of ``docs/theory.md``). Then:
+(E5 of ``docs/equations.md``). Then:
 
 * the first-order prediction ``-alpha (S* - E_p[S])`` (Theorem 3.3, E6), the second-order prediction and
   the exact entropy change are compared (R^2, relative errors, sign agreement);
