@@ -22,9 +22,15 @@ data, so both backends see identical bytes):
 * ``grpo_advantages``: ``(512, 8)`` float32 rewards (small section);
 * ``entropy_hessian``: ``(64, 512)`` float32 logits only; its output is ``(64, 512, 512)`` (V^2 memory).
 
-Each function is warmed up once, then timed ``--repeat`` times with ``time.perf_counter``; the median
-(and the minimum) is reported. Outputs and temporaries are dropped and ``gc.collect()`` runs between
-calls, so at most one function's working set is alive at a time. Peak RSS is printed at the end.
+Each function is warmed up once on the first ``--warmup-rows`` rows (default 64: the same code path,
+dtypes, vocabulary and thread pool, without a fourth full-size call; ``--warmup-rows 0`` warms up on the
+full array), then timed ``--repeat`` times with ``time.perf_counter``; the median (and the minimum) is
+reported, with the minor page faults of each call (``getrusage``): a freshly allocated full-size
+temporary shows up there, e.g. 196 609 faults per ``(4096, 49152)`` float32 array for torch's 4 KiB
+pages. Outputs and temporaries are dropped and ``gc.collect()`` runs between calls, so at most one
+function's working set is alive at a time (peak RSS about 10 GiB at full size). The floor is measured
+first and again at the end as a drift check. The load average at start and end is recorded, since
+other work on the machine shows up in every number.
 """
 
 from __future__ import annotations
@@ -103,13 +109,20 @@ def machine_info(backends: list[str]) -> dict:
         "mem_total_gib": None,
         "numpy": np.__version__,
         "transparent_hugepage": read_text("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],  # other work on the machine
     }
     meminfo = read_text("/proc/meminfo")
     if meminfo:
         for line in meminfo.splitlines():
             if line.startswith("MemTotal:"):
                 info["mem_total_gib"] = round(int(line.split()[1]) / 2**20, 1)
-    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in (
+        "OPENBLAS_CORETYPE",
+        "OPENBLAS_NUM_THREADS",
+        "OMP_NUM_THREADS",
+        "OMP_WAIT_POLICY",
+        "MKL_NUM_THREADS",
+    ):
         if var in os.environ:
             info[var] = os.environ[var]
     if "torch" in backends:
@@ -129,23 +142,38 @@ def peak_rss_gib() -> float:
 # ------------------------------------------------------------------------------------------ timing
 
 
-def time_call(fn: Callable[[], object], repeat: int) -> list[float]:
-    """Warm up once, then time ``fn`` ``repeat`` times; the output is dropped before the next call."""
-    out = fn()
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_call(
+    fn: Callable[[], object], repeat: int, warm: Callable[[], object] | None = None
+) -> tuple[list[float], list[int]]:
+    """Warm up once (``warm``, default ``fn``), then time ``fn`` ``repeat`` times.
+
+    Returns the wall times and the minor page faults of each timed call (a fresh, first-touched
+    allocation shows up there). The output is dropped and ``gc.collect()`` runs after every call.
+    """
+    out = (warm or fn)()
     del out
     gc.collect()
-    times = []
+    times, faults = [], []
     for _ in range(repeat):
+        f0 = minor_faults()
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
+        faults.append(minor_faults() - f0)
         del out
         gc.collect()
-    return times
+    return times, faults
 
 
-def summary(times: list[float]) -> dict:
-    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+def summary(times: list[float], faults: list[int] | None = None) -> dict:
+    s = {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+    if faults is not None:
+        s["minor_faults_median"] = int(statistics.median(faults))
+    return s
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -215,13 +243,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--backends", default="numpy,torch", help="comma-separated: numpy,torch (default both)")
     ap.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write results as JSON")
     ap.add_argument("--seed", type=int, default=SEED, help=f"generator seed (default {SEED})")
+    ap.add_argument(
+        "--warmup-rows",
+        type=int,
+        default=64,
+        metavar="N",
+        help="warm each function up on the first N rows (same code path, dtype and vocabulary); "
+        "0 = warm up on the full array, which costs one more full call per function (default 64)",
+    )
     args = ap.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     bad = [b for b in args.backends if b not in ("numpy", "torch")]
     if bad or not args.backends:
         ap.error(f"--backends must be a comma-separated subset of numpy,torch; got {bad or 'nothing'}")
-    if args.repeat < 1 or args.rows < 1 or args.vocab < 1:
-        ap.error("--rows, --vocab and --repeat must be >= 1")
+    if args.repeat < 1 or args.rows < 1 or args.vocab < 1 or args.warmup_rows < 0:
+        ap.error("--rows, --vocab and --repeat must be >= 1, --warmup-rows >= 0")
     return args
 
 
@@ -235,27 +271,29 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in info.items():
         print(f"  {key}: {value}")
     nbytes = args.rows * args.vocab * 4
+    warm_rows = args.warmup_rows if 0 < args.warmup_rows < args.rows else args.rows
     print(
-        f"  logits: ({args.rows}, {args.vocab}) float32 = {nbytes / 2**20:.0f} MiB, "
-        f"repeat={args.repeat} (+1 warm-up), seed={args.seed}"
+        f"  logits: ({args.rows}, {args.vocab}) float32 = {nbytes / 2**20:.0f} MiB; "
+        f"repeat={args.repeat} after 1 warm-up on {warm_rows} rows; seed={args.seed}"
     )
     sys.stdout.flush()
 
     host = make_inputs(args.rows, args.vocab, args.seed)
     small_host = make_small_inputs(args.rows, args.seed)
     data = {b: convert(host, b) for b in backends}
+    warm = {b: convert({n: a[:warm_rows] for n, a in host.items()}, b) for b in backends}  # views
     small = {b: convert(small_host, b) for b in backends}
     print(f"  inputs ready, peak RSS so far {peak_rss_gib():.2f} GiB\n")
 
     results: dict[str, dict[str, dict]] = {}  # name -> backend -> summary
 
-    def record(name: str, backend: str, times: list[float], floor: float | None) -> None:
-        s = summary(times)
-        s["ratio_to_floor"] = s["median_s"] / floor if floor else None
+    def record(name: str, backend: str, timed: tuple[list[float], list[int]], floor: float) -> None:
+        s = summary(*timed)
+        s["ratio_to_floor"] = s["median_s"] / floor
         results.setdefault(name, {})[backend] = s
-        ratio = f"  {s['ratio_to_floor']:7.1f}x floor" if floor else ""
         print(
-            f"  {name:<30} {backend:<6} median {s['median_s']:8.4f} s  min {s['min_s']:8.4f} s{ratio}"
+            f"  {name:<30} {backend:<6} median {s['median_s']:8.4f} s  min {s['min_s']:8.4f} s"
+            f"  {s['ratio_to_floor']:7.1f}x floor  {s['minor_faults_median']:>8} faults/call"
             f"  (peak RSS {peak_rss_gib():.2f} GiB)",
             flush=True,
         )
@@ -264,40 +302,44 @@ def main(argv: list[str] | None = None) -> int:
     floor_times: dict[str, list[float]] = {}
     print("## floor: one read of the logits array")
     for b in backends:
-        floor_times[b] = time_call(floor_fn(b, data[b]["z"]), max(args.repeat, 5))
+        floor_times[b], _ = time_call(floor_fn(b, data[b]["z"]), max(args.repeat, 5))
         print(f"  floor {b:<6} median {statistics.median(floor_times[b]):.4f} s", flush=True)
     floor = {b: statistics.median(floor_times[b]) for b in backends}
 
     print("\n## functions on the full array")
     for b in backends:
+        ref = write_ref_fn(b, data[b]["z"])
         record(
             "ref: exp(x) (read + new write)",
             b,
-            time_call(write_ref_fn(b, data[b]["z"]), args.repeat),
+            time_call(ref, args.repeat, write_ref_fn(b, warm[b]["z"])),
             floor[b],
         )
     for name, kinds in LARGE:
         fn = getattr(theory, name)
         for b in backends:
-            d = data[b]
-            call_args = [STEP if kind == "eps" else d[kind] for kind in kinds]
-            record(name, b, time_call(lambda fn=fn, a=call_args: fn(*a), args.repeat), floor[b])
-            del call_args
+            call_args = [STEP if kind == "eps" else data[b][kind] for kind in kinds]
+            warm_args = [STEP if kind == "eps" else warm[b][kind] for kind in kinds]
+            timed = time_call(
+                lambda fn=fn, a=call_args: fn(*a), args.repeat, lambda fn=fn, a=warm_args: fn(*a)
+            )
+            record(name, b, timed, floor[b])
+            del call_args, warm_args, timed
             gc.collect()
 
     print("\n## floor again (drift check)")
     floor_end: dict[str, float] = {}
     for b in backends:
-        t = time_call(floor_fn(b, data[b]["z"]), max(args.repeat, 5))
+        t, _ = time_call(floor_fn(b, data[b]["z"]), max(args.repeat, 5))
         floor_end[b] = statistics.median(t)
         print(f"  floor {b:<6} median {floor_end[b]:.4f} s (start {floor[b]:.4f} s)", flush=True)
 
     # Free the big arrays before the small section.
-    del data
+    del data, warm
     host.clear()
     gc.collect()
 
-    print("\n## small inputs (times only; no floor)")
+    print("\n## small inputs (times only, no floor; warm-up and timing on the same small input)")
     small_results: dict[str, dict[str, dict]] = {}
     small_cases = [
         ("s_star", f"logp, entropy ({args.rows},)", lambda s: theory.s_star(s["logp"], s["entropy"])),
@@ -310,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, shape, call in small_cases:
         for b in backends:
-            t = time_call(lambda call=call, s=small[b]: call(s), max(args.repeat, 10))
+            t, _ = time_call(lambda call=call, s=small[b]: call(s), max(args.repeat, 10))
             small_results.setdefault(name, {"shape": shape})[b] = summary(t)
             print(f"  {name:<30} {b:<6} median {statistics.median(t):10.6f} s  [{shape}]", flush=True)
 
@@ -337,13 +379,23 @@ def main(argv: list[str] | None = None) -> int:
     for name, per_backend in results.items():
         print(f"| {name} | " + " | ".join(row_cells(per_backend)) + " |")
 
+    print("\n| function | numpy min s | numpy faults/call | torch min s | torch faults/call |")
+    print("|---|---:|---:|---:|---:|")
+    for name, per_backend in results.items():
+        cells = []
+        for b in ("numpy", "torch"):
+            s = per_backend.get(b)
+            cells += [fmt_s(s["min_s"]), str(s["minor_faults_median"])] if s else ["—", "—"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
     print("\n| small-input function | shape | numpy s | torch s |")
     print("|---|---|---:|---:|")
     for name, per_backend in small_results.items():
         cells = [fmt_s(per_backend[b]["median_s"]) if b in per_backend else "—" for b in ("numpy", "torch")]
         print(f"| {name} | {per_backend['shape']} | " + " | ".join(cells) + " |")
 
-    print(f"\npeak RSS {peak:.2f} GiB, total wall time {total:.0f} s")
+    load_end = [round(x, 2) for x in os.getloadavg()]
+    print(f"\npeak RSS {peak:.2f} GiB, total wall time {total:.0f} s, load average at end {load_end}")
 
     if args.json is not None:
         payload = {
@@ -352,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rows": args.rows,
                 "vocab": args.vocab,
                 "repeat": args.repeat,
+                "warmup_rows": warm_rows,
                 "backends": backends,
                 "seed": args.seed,
                 "logit_scale": LOGIT_SCALE,
@@ -367,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             "small": small_results,
             "peak_rss_gib": peak,
             "total_s": total,
+            "loadavg_at_end": load_end,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
