@@ -34,6 +34,7 @@ __all__ = [
     "check_index",
     "log_softmax_parts",
     "finite_logp",
+    "shifted_exp",
     "take_last",
     "broadcast_shape",
 ]
@@ -124,13 +125,26 @@ def log_softmax_parts(xp, z: Array) -> Array:
     return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
 
 
+def shifted_exp(xp, z: Array) -> tuple[Array, Array, Array]:
+    """``(s, e, log Z)`` with ``s = z - max z``, ``e = exp(s)``, ``Z = sum e`` over the last axis.
+
+    The shared first half of every softmax computation; ``log p = s - log Z`` and ``p = e / Z``.
+    Rows whose maximum is not finite are NaN (see :func:`log_softmax_parts`).
+    """
+    m = xp.max(z, axis=-1, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, float("nan"))  # (..., 1); NaN marks an undefined row
+    s = z - m  # (..., V); <= 0, -inf for masked logits
+    e = xp.exp(s)  # (..., V)
+    return s, e, xp.log(xp.sum(e, axis=-1, keepdims=True))
+
+
 def finite_logp(xp, logp: Array) -> Array:
     """``log p`` with ``-inf`` (masked entries, ``p = 0``) replaced by 0; NaN is kept.
 
     Used to form products ``p * f(log p)`` whose limit at ``p -> 0`` is 0 without creating
     ``0 * inf = NaN`` in the value or in the torch autograd graph.
     """
-    return xp.where(logp == -xp.inf, xp.zeros_like(logp), logp)
+    return xp.where(logp == -xp.inf, 0.0, logp)
 
 
 def take_last(xp, x: Array, k: Array) -> Array:

@@ -283,11 +283,11 @@ def entropy_change_second_order(logits: Array, dz: Array) -> Array:
     xp, z, logp, p, lp, H = _prepare(logits, dz)
     dz = _update(xp, dz, logits, p.dtype)
     L = lp + H  # (..., V)
-    first = -xp.sum(p * L * dz, axis=-1)  # (...)
-    a = xp.sum(p * L * dz, axis=-1)  # (...)
-    b = xp.sum(p * dz, axis=-1)  # (...)
-    quad = -xp.sum(p * (L + 1.0) * dz * dz, axis=-1) + 2.0 * a * b + b * b
-    return first + 0.5 * quad
+    pdz = p * dz  # (..., V)
+    a = xp.sum(pdz * L, axis=-1)  # (...): sum_j p_j L_j dz_j = S . dz
+    b = xp.sum(pdz, axis=-1)  # (...)
+    quad = -xp.sum(pdz * dz * (L + 1.0), axis=-1) + 2.0 * a * b + b * b
+    return -a + 0.5 * quad
 
 
 def exact_entropy_change(logits: Array, dz: Array) -> Array:
@@ -319,7 +319,8 @@ def exact_entropy_change(logits: Array, dz: Array) -> Array:
     """
     xp, z, logp, p, lp, H = _prepare(logits, dz)
     dz = _update(xp, dz, logits, p.dtype)
-    dz = dz + xp.zeros_like(p)  # materialise the broadcast: (..., V)
+    if tuple(dz.shape) != tuple(p.shape):
+        dz = dz + xp.zeros_like(p)  # materialise the broadcast: (..., V)
     one = 1.0
     # log sum_j p_j exp(dz_j): two evaluations, picked per row.
     small_row = xp.max(xp.abs(dz), axis=-1, keepdims=True) <= one  # (..., 1)
