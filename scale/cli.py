@@ -3,6 +3,7 @@
 Usage::
 
     entdyn demo [--out runs/demo] [--seed 0] [--n 4000] [--quick]
+    entdyn rules [NAME ...] [--json]
     python -m scale.cli demo ...
 
 Subcommands:
@@ -13,8 +14,15 @@ Subcommands:
     quadrant, and the residual scaling; writes ``summary.json`` and ``theory_demo.png`` (see
     :mod:`toy.demo`). This is what ``make demo`` runs.
 
-The CLI will grow with later work: ``toy`` (the NumPy bandit lab), ``train`` (the torch GRPO trainer),
-``plot`` (figures from run directories) and ``rules`` (entropy-control rules such as Clip_B / Clip_V).
+``rules``
+    Lists every registered entropy-control rule of :mod:`theory.rules` (Clip_B, Clip_V, Clip-Cov, KL-Cov,
+    the high-entropy mask, the entropy bonus, PPL / position shaping, probability weighting, and the
+    stage detector) with its kind, default parameters and source; ``--json`` prints
+    :func:`theory.rules.describe_rules` as JSON. The names and ``key=value`` parameters shown are what
+    :func:`theory.rules.make_rule` spec strings take; ``docs/rules.md`` has the formulas.
+
+The CLI will grow with later work: ``toy`` (the NumPy bandit lab), ``train`` (the torch GRPO trainer)
+and ``plot`` (figures from run directories).
 
 Each subcommand imports its implementation lazily inside its handler, so ``import scale.cli`` stays
 light and never imports torch; only subcommands that need torch (``train``) will import it.
@@ -23,15 +31,74 @@ light and never imports torch; only subcommands that need torch (``train``) will
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "format_rules", "main"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from toy.demo import main as demo_main  # lazy: NumPy + matplotlib only
 
     return demo_main(args.out, seed=args.seed, n=args.n, quick=args.quick)
+
+
+def _format_default(value) -> str:
+    """A default as a spec-string value would write it: ``None`` -> ``none``, tuples with ``/``."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "/".join(_format_default(v) for v in value)
+    return str(value)
+
+
+def format_rules(records: list[dict], *, width: int = 100) -> str:
+    """Human-readable listing of :func:`theory.rules.describe_rules` records (one block per rule)."""
+    import textwrap
+
+    lines = [
+        f"{len(records)} rule(s) from theory.rules (kind 'token': a per-token rule; 'detector': a per-step",
+        'stage detector). Build one with make_rule(), e.g. "clip_b:mu=2.0+position_bonus:gate=always".',
+        "Formulas, outputs and differences from the reference code: docs/rules.md",
+    ]
+    for rec in records:
+        lines += ["", f"{rec['name']}  [{rec['kind']}]  ({rec['class']})"]
+        lines += textwrap.wrap(rec["summary"], width, initial_indent="  ", subsequent_indent="  ")
+        lines += textwrap.wrap(
+            rec["source"], width, initial_indent="  source: ", subsequent_indent="          "
+        )
+        defaults = rec["defaults"]
+        if defaults:
+            lines.append("  defaults:")
+            pad = max(len(k) for k in defaults)
+            lines += [f"    {k:<{pad}} = {_format_default(v)}" for k, v in defaults.items()]
+    return "\n".join(lines)
+
+
+def _cmd_rules(args: argparse.Namespace) -> int:
+    import json
+
+    from theory.rules import describe_rules  # lazy; theory.rules itself never imports torch
+
+    records = describe_rules()
+    if args.names:
+        known = {r["name"] for r in records}
+        wanted = [n.replace("-", "_") for n in args.names]
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            print(
+                f"entdyn rules: unknown rule(s) {', '.join(unknown)}; registered: {', '.join(sorted(known))}",
+                file=sys.stderr,
+            )
+            return 2
+        records = [r for r in records if r["name"] in wanted]
+    if args.json:
+        print(json.dumps(records, indent=2, default=repr))
+    else:
+        print(format_rules(records))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quick", action="store_true", help="small, fast run (a couple of seconds)")
     demo.set_defaults(handler=_cmd_demo)
+
+    rules = sub.add_parser(
+        "rules",
+        help="list the registered entropy-control rules with their defaults and sources",
+        description=(
+            "List every rule registered in theory.rules (kind, class, default parameters, source). The "
+            "names and parameters are those of make_rule spec strings such as "
+            "'clip_b:mu=2.0+position_bonus:gate=always'; docs/rules.md gives the formulas."
+        ),
+    )
+    rules.add_argument("names", nargs="*", metavar="NAME", help="only these rules (default: all)")
+    rules.add_argument("--json", action="store_true", help="print describe_rules() as JSON")
+    rules.set_defaults(handler=_cmd_rules)
     return parser
 
 
