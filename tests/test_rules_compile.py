@@ -15,26 +15,13 @@ For each case (a rule with parameters that make it do real work, checked by
 * ``test_compiled_matches_eager``: inductor-compiled output equals eager output on one input (bool
   outputs exactly, floats to 1e-5).
 
-Known graph breaks are marked ``xfail(strict=True)`` with their exact cause, conditioned on the offending
-source line still being there: once it is fixed the case runs as a normal test (and a strict xfail that
-starts passing fails loudly). The two known causes (torch 2.13):
-
-1. ``theory/rules/base.py`` ``stop_gradient``: ``return detach() if callable(detach) else x``. Dynamo cannot
-   trace the builtin ``callable`` on a tensor's bound method (a ``GetAttrVariable``: "Failed to trace builtin
-   operator `callable`"), so ``TokenBatch.detached()``, called by every ``Rule.__call__``, breaks the graph of
-   every rule. ``return x if detach is None else detach()`` traces (checked on a copy: all cases then compile
-   with ``fullgraph=True``).
-2. ``theory/rules/_stats.py`` ``topk_mask``: ``idx = xp.clip(k, 1, n) - 1``. With dynamic shapes ``n`` (the
-   number of tokens per batch) is a ``SymInt`` and array_api_compat's torch ``clip`` calls
-   ``math.isnan(n)`` on it ("torch.* op returned non-Tensor"); it hits Clip_V (reference variant),
-   Clip-Cov and KL-Cov once the batch shape changes.
-   ``xp.minimum(xp.maximum(k, xp.ones_like(k)), xp.full_like(k, n)) - 1`` traces (checked on a copy).
+Two graph breaks found while writing these tests are fixed in ``theory/rules`` (comments there say
+why): ``stop_gradient`` no longer calls the builtin ``callable`` on a tensor's bound method, and
+``topk_mask`` no longer uses array_api_compat's ``clip`` with a python bound (it calls ``math.isnan`` on
+the symbolic size under dynamic shapes).
 """
 
 from __future__ import annotations
-
-import inspect
-import re
 
 import numpy as np
 import pytest
@@ -50,8 +37,6 @@ from theory.rules import (
     PPLShaping,
     ProbWeighted,
     TokenBatch,
-    _stats,
-    base,
     make_rule,
 )
 
@@ -64,14 +49,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`:UserWarning"),
     pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
 ]
-
-# --------------------------------------------------------------------------------- known breaks
-
-_STOP_GRADIENT_BREAK = "callable(" in inspect.getsource(base.stop_gradient)
-STOP_GRADIENT_REASON = "graph break: callable(detach) in theory/rules/base.py stop_gradient (cause 1)"
-_TOPK_CLIP_BREAK = re.search(r"xp\.clip\(k, 1, [nN]\)", inspect.getsource(_stats.topk_mask)) is not None
-TOPK_CLIP_REASON = "graph break with dynamic shapes: xp.clip(k, 1, n) in _stats.topk_mask (cause 2)"
-USES_TOPK = ("clip_v", "clip_cov", "kl_cov")  # topk_mask: the reference Clip_V cap, Clip-Cov, KL-Cov
 
 # ----------------------------------------------------------------------------------------- cases
 
@@ -159,17 +136,6 @@ def call_args(case: str, inputs: dict[str, torch.Tensor]) -> dict:
     return {**inputs, "state": state}
 
 
-def _xfail_marks(case: str, *, dynamic: bool):
-    marks = [pytest.mark.xfail(_STOP_GRADIENT_BREAK, reason=STOP_GRADIENT_REASON, strict=True)]
-    if dynamic and case in USES_TOPK and not _STOP_GRADIENT_BREAK:
-        marks.append(pytest.mark.xfail(_TOPK_CLIP_BREAK, reason=TOPK_CLIP_REASON, strict=True))
-    return marks
-
-
-def _params(*, dynamic: bool):
-    return [pytest.param(c, id=c, marks=_xfail_marks(c, dynamic=dynamic)) for c in IDS]
-
-
 def assert_outputs_equal(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for key, w in want.items():
@@ -201,7 +167,7 @@ def test_cases_do_real_work(case):
     assert not bool((out["keep"] & ~valid).any())
 
 
-@pytest.mark.parametrize("case", _params(dynamic=False))
+@pytest.mark.parametrize("case", IDS)
 def test_traces_without_graph_break(case):
     fn = make_fn(case)
     args = call_args(case, make_inputs())
@@ -214,7 +180,7 @@ def test_traces_without_graph_break(case):
     assert_outputs_equal(compiled(**args), fn(**args))
 
 
-@pytest.mark.parametrize("case", _params(dynamic=True))
+@pytest.mark.parametrize("case", IDS)
 def test_traces_without_graph_break_across_shapes(case):
     fn = make_fn(case)
     dynamo.reset()

@@ -474,10 +474,23 @@ def test_high_entropy_mask_quantile(be, rho, n_kept):
     )
     tau = np.quantile(HE_H[HE_VALID], 1 - rho)  # linear interpolation (numpy's default)
     expected = HE_VALID & (HE_H >= tau)
-    np.testing.assert_array_equal(_np(out.keep), expected)
+    # default (TRL): unselected tokens get weight 0 and stay in the normaliser
+    np.testing.assert_array_equal(_np(out.keep), HE_VALID)
+    np.testing.assert_array_equal(_np(out.weight)[HE_VALID], expected[HE_VALID].astype(float))
     assert expected.sum() == n_kept
-    assert not _np(out.keep)[1, 3]  # the invalid token with the largest entropy is never kept
     np.testing.assert_allclose(float(_np(out.metrics["entropy_threshold"])), tau, rtol=1e-12)
+    # in_normaliser=False: unselected tokens leave the loss and its normaliser
+    out2 = _run(
+        be,
+        R.HighEntropyMask(rho=rho, in_normaliser=False),
+        logp=np.zeros((2, 5)),
+        adv=np.ones((2, 5)),
+        valid=HE_VALID,
+        entropy=HE_H,
+    )
+    np.testing.assert_array_equal(_np(out2.keep), expected)
+    assert out2.weight is None
+    assert not _np(out2.keep)[1, 3]  # the invalid token with the largest entropy is never kept
 
 
 # --- entropy bonus ---------------------------------------------------------------------------------

@@ -83,7 +83,8 @@ def topk_mask(xp, scores: Array, eligible: Array, k: Array) -> Array:
     s = xp.where(elig, flat, xp.full_like(flat, -float("inf")))
     srt = xp.sort(s, axis=-1, descending=True)
     k = xp.reshape(xp.astype(k, xp.int64), lead + (1,))
-    idx = xp.clip(k, 1, n) - 1
+    # (not xp.clip(k, 1, n): array_api_compat's clip inspects n with math.isnan, a dynamic-shape graph break)
+    idx = xp.minimum(xp.maximum(k, xp.ones_like(k)), xp.full_like(k, n)) - 1
     thr = xp.take_along_axis(srt, idx, axis=-1)  # (..., 1)
     greater = elig & (s > thr)
     n_greater = xp.sum(xp.astype(greater, xp.int64), axis=-1, keepdims=True)

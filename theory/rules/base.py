@@ -44,8 +44,8 @@ def stop_gradient(x: Any) -> Any:
         return None
     if isinstance(x, tuple):
         return tuple(stop_gradient(v) for v in x)
-    detach = getattr(x, "detach", None)
-    return detach() if callable(detach) else x
+    detach = getattr(x, "detach", None)  # (no callable(): torch.compile cannot trace it on a method)
+    return x if detach is None else detach()
 
 
 @dataclass(frozen=True)

@@ -310,9 +310,9 @@ class KLCov(Rule):
         cov = _centred_cov(xp, batch)
         chosen = topk_mask(xp, cov, valid, _k_of(xp, self.frac, valid, logp))
         kl_coef = xp.where(chosen, xp.full_like(logp, self.coef), xp.zeros_like(logp))
-        metrics = _polarity_metrics(xp, chosen, batch)
-        metrics.update({"cov_mean": metric(xp, masked_mean(xp, cov, valid))})
-        metrics["penalised_frac"] = metrics.pop("clip_frac")
+        fracs = _polarity_metrics(xp, chosen, batch)
+        metrics = {k.replace("clip_frac", "penalised_frac"): v for k, v in fracs.items()}
+        metrics["cov_mean"] = metric(xp, masked_mean(xp, cov, valid))
         return RuleOutput(keep=valid, adv=batch.adv, kl_coef=kl_coef, metrics=metrics)
 
 
@@ -322,12 +322,17 @@ class HighEntropyMask(Rule):
     r"""Keep only the highest-entropy tokens, the top ``rho`` of valid tokens ("80/20", arXiv 2506.01939).
 
     ``τ`` = the ``(1 - rho)`` quantile (linear interpolation) of ``H`` over the batch's valid tokens;
-    keep iff ``H_t >= τ``. ``rho = 0.2`` is the paper's recommendation; ``rho = 1`` keeps everything.
-    Same threshold rule as TRL's ``top_entropy_quantile`` (which computes it per micro-batch across
-    ranks; here over the batch the caller passes).
+    a token is selected iff ``H_t >= τ``. ``rho = 0.2`` is the paper's recommendation; ``rho = 1`` selects
+    everything. Same threshold rule as TRL's ``top_entropy_quantile`` (which computes it per micro-batch
+    across ranks; here over the batch the caller passes).
+
+    ``in_normaliser=True`` (default, TRL's behaviour): unselected tokens get ``weight = 0`` and stay in
+    the loss normaliser (TRL multiplies ``per_token_loss`` by the mask). ``False``: they get
+    ``keep = False`` and leave the normaliser too, so a token-mean loss is about ``1/rho`` larger.
     """
 
     rho: float = 0.2
+    in_normaliser: bool = True
     name = "high_entropy_mask"
     source = "arXiv 2506.01939 (top 20% entropy tokens); TRL top_entropy_quantile"
     needs = ("entropy",)
@@ -346,4 +351,7 @@ class HighEntropyMask(Rule):
         drop = valid & (H < xp.expand_dims(xp.expand_dims(tau, axis=-1), axis=-1))
         metrics = _polarity_metrics(xp, drop, batch)
         metrics["entropy_threshold"] = tau
+        if self.in_normaliser:
+            weight = xp.where(drop, xp.zeros_like(H), xp.ones_like(H))
+            return RuleOutput(keep=valid, adv=batch.adv, weight=weight, metrics=metrics)
         return RuleOutput(keep=valid & ~drop, adv=batch.adv, metrics=metrics)

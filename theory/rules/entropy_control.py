@@ -133,7 +133,8 @@ class StageDetector:
     with an EMA (``ema`` = weight of the old value) and declares the plateau at the first step ``s`` where,
     over the last ``window`` steps,
 
-    * the relative entropy drop ``(H̄_{s-W} - H̄_s) / H̄_{s-W} < tau_entropy``, and
+    * the relative entropy change ``|H̄_s - H̄_{s-W}| / H̄_{s-W} < tau_entropy`` (a rising entropy is not a
+      plateau either), and
     * the accuracy gain ``ā_s - ā_{s-W} < tau_accuracy`` (skipped if no accuracy is given).
 
     Checking starts after ``window + ceil(ema / (1 - ema))`` steps: an EMA started at the first value lags
@@ -188,7 +189,7 @@ class StageDetector:
                 stage, plateau_step = "plateau", step
         elif stage == "rising" and len(history) == self.window + 1 and step > self.warmup_steps:
             h_old, a_old = history[0]
-            rel_drop = (h_old - ema_h) / max(abs(h_old), 1e-12)
+            rel_drop = abs(h_old - ema_h) / max(abs(h_old), 1e-12)
             flat_acc = True if (ema_a is None or a_old is None) else (ema_a - a_old) < self.tau_accuracy
             if rel_drop < self.tau_entropy and flat_acc:
                 stage, plateau_step = "plateau", step
