@@ -91,14 +91,7 @@ class ClipB(Rule):
     needs = ("entropy",)
 
     def __post_init__(self):
-        if self.variant not in ("reference", "paper"):
-            raise ValueError(f"variant must be 'reference' or 'paper', got {self.variant!r}")
-        _check_positive("mu", self.mu)
-        if self.mu_high is not None:
-            if self.variant == "reference":
-                raise ValueError("mu_high applies to variant='paper' only (the reference is one-sided)")
-            _check_positive("mu_high", self.mu_high)
-        _logp_source_ok(self.logp_source)
+        _check_discriminator_rule(self)
 
     def apply(self, batch, *, noise, state):
         xp = batch.xp
@@ -118,9 +111,17 @@ class ClipB(Rule):
         return RuleOutput(keep=valid & ~drop, adv=adv, metrics=metrics)
 
 
-def _logp_source_ok(source: str) -> None:
-    if source not in ("old", "current"):
-        raise ValueError(f"logp_source must be 'old' or 'current', got {source!r}")
+def _check_discriminator_rule(rule) -> None:
+    """Shared validation of Clip_B and Clip_V: variant, thresholds, log-prob source."""
+    if rule.variant not in ("reference", "paper"):
+        raise ValueError(f"variant must be 'reference' or 'paper', got {rule.variant!r}")
+    _check_positive("mu", rule.mu)
+    if rule.mu_high is not None:
+        if rule.variant == "reference":
+            raise ValueError("mu_high applies to variant='paper' only (the reference is one-sided)")
+        _check_positive("mu_high", rule.mu_high)
+    if rule.logp_source not in ("old", "current"):
+        raise ValueError(f"logp_source must be 'old' or 'current', got {rule.logp_source!r}")
 
 
 @register
@@ -158,15 +159,8 @@ class ClipV(Rule):
     needs = ("entropy", "baseline")
 
     def __post_init__(self):
-        if self.variant not in ("reference", "paper"):
-            raise ValueError(f"variant must be 'reference' or 'paper', got {self.variant!r}")
-        _check_positive("mu", self.mu)
-        if self.mu_high is not None:
-            if self.variant == "reference":
-                raise ValueError("mu_high applies to variant='paper' only (the reference is one-sided)")
-            _check_positive("mu_high", self.mu_high)
+        _check_discriminator_rule(self)
         _check_fraction("max_frac", self.max_frac)
-        _logp_source_ok(self.logp_source)
 
     def apply(self, batch, *, noise, state):
         xp = batch.xp
