@@ -10,7 +10,10 @@ import pytest
 HEAVY = ("torch", "transformers", "trl", "accelerate")
 
 
-@pytest.mark.parametrize("modules", ["theory", "toy", "theory, toy", "scale, scale.cli"])
+MODULES = ["theory", "toy", "theory, toy", "theory.rules, toy.bandit, toy.grpo, toy.demo", "scale, scale.cli"]
+
+
+@pytest.mark.parametrize("modules", MODULES)
 def test_import_does_not_pull_torch(modules):
     code = (
         f"import sys; import {modules}; "
