@@ -2,9 +2,9 @@
 
 Everything returns arrays (0-d for scalars) and never converts to python numbers, so torch on an
 accelerator never synchronises with the host and ``torch.compile`` sees no graph break. Selection by
-rank (top-k, random subsets, quantiles) is done by sorting, because the number of tokens to select
-depends on the data (a fraction of the valid tokens) and a data-dependent python ``k`` would need a
-host sync.
+rank (top-k, random subsets, quantiles) sorts, or takes the ``kmax`` largest values for a bound
+``kmax`` known from shapes, because the number of tokens to select depends on the data (a fraction of
+the valid tokens) and a data-dependent python ``k`` would need a host sync.
 """
 
 from __future__ import annotations
@@ -66,12 +66,35 @@ def metric(xp, x: Array) -> Array:
     return xp.squeeze(x, axis=AXES) if x.ndim >= 2 else x
 
 
-def topk_mask(xp, scores: Array, eligible: Array, k: Array) -> Array:
+def _largest_sorted(xp, s: Array, kmax: int | None) -> Array:
+    """The ``kmax`` largest values of ``s`` along the last axis, descending (all of them if ``kmax`` is None).
+
+    The array API has no top-k, so the generic path sorts everything; for torch and numpy, whose partial
+    selections are much faster when ``kmax`` is small, this one helper uses them (same values).
+    """
+    n = s.shape[-1]
+    if kmax is None or kmax >= n:
+        return xp.sort(s, axis=-1, descending=True)
+    if array_api_compat.is_torch_namespace(xp):
+        import torch  # only reached with torch arrays: theory never imports torch itself
+
+        return torch.topk(s, kmax, dim=-1, largest=True, sorted=True).values
+    if array_api_compat.is_numpy_namespace(xp):
+        import numpy as np
+
+        part = -np.partition(-s, kmax - 1, axis=-1)[..., :kmax]
+        return -np.sort(-part, axis=-1)
+    return xp.sort(s, axis=-1, descending=True)[..., :kmax]
+
+
+def topk_mask(xp, scores: Array, eligible: Array, k: Array, kmax: int | None = None) -> Array:
     """Bool mask of the ``k`` largest ``scores`` among ``eligible`` entries of each ``(B, T)`` batch.
 
     ``scores``/``eligible`` are ``(..., B, T)``; ``k`` is an integer array of shape ``(..., 1, 1)`` (data
-    dependent, never read on the host). Ties at the threshold are broken by position (lower flat index
-    first), so exactly ``min(k, #eligible)`` entries are selected per batch.
+    dependent, never read on the host). ``kmax``, if given, is a python bound ``k <= kmax`` known from
+    shapes alone (e.g. ``frac * B * T``): then only the ``kmax`` largest values are selected instead of a
+    full sort. Ties at the threshold are broken by position (lower flat index first), so exactly
+    ``min(k, #eligible)`` entries are selected per batch.
     """
     shape = tuple(scores.shape)
     lead = shape[:-2]
@@ -81,10 +104,10 @@ def topk_mask(xp, scores: Array, eligible: Array, k: Array) -> Array:
     flat = xp.reshape(scores, lead + (n,))
     elig = xp.reshape(eligible, lead + (n,))
     s = xp.where(elig, flat, xp.full_like(flat, -float("inf")))
-    srt = xp.sort(s, axis=-1, descending=True)
+    srt = _largest_sorted(xp, s, kmax)  # (..., min(kmax, n)), descending
     k = xp.reshape(xp.astype(k, xp.int64), lead + (1,))
     # (not xp.clip(k, 1, n): array_api_compat's clip inspects n with math.isnan, a dynamic-shape graph break)
-    idx = xp.minimum(xp.maximum(k, xp.ones_like(k)), xp.full_like(k, n)) - 1
+    idx = xp.minimum(xp.maximum(k, xp.ones_like(k)), xp.full_like(k, srt.shape[-1])) - 1
     thr = xp.take_along_axis(srt, idx, axis=-1)  # (..., 1)
     greater = elig & (s > thr)
     n_greater = xp.sum(xp.astype(greater, xp.int64), axis=-1, keepdims=True)

@@ -175,7 +175,7 @@ class ClipV(Rule):
             neg = violate & (adv < 0)
             k = xp.astype(xp.floor(self.max_frac * count(xp, valid, D)), xp.int64)
             k = xp.maximum(k, xp.ones_like(k))
-            capped = topk_mask(xp, xD, neg, k)  # == neg when #neg <= k
+            capped = topk_mask(xp, xD, neg, k, _kmax(self.max_frac, D))  # == neg when #neg <= k
             drop = (violate & ~neg) | capped
         else:
             hi = self.mu if self.mu_high is None else self.mu_high
@@ -206,6 +206,14 @@ def _centred_cov(xp, batch: TokenBatch):
     valid, adv, logp = batch.valid, batch.adv, batch.logp
     cov = _centre(xp, adv, valid) * _centre(xp, logp, valid)
     return xp.where(valid, cov, xp.zeros_like(cov))
+
+
+def _kmax(frac: float, like) -> int:
+    """A python upper bound of ``max(floor(frac * n_valid), 1)`` from the batch shape alone.
+
+    One more than the float64 value, so a float32 ``floor`` that rounds up still fits.
+    """
+    return max(int(math.floor(frac * like.shape[-2] * like.shape[-1])), 1) + 1
 
 
 def _k_of(xp, frac: float, valid, like):
@@ -259,7 +267,7 @@ class ClipCov(Rule):
         cov = _centred_cov(xp, batch)
         cand = valid & ~ratio_clipped & (cov > self.lb) & (cov < self.ub)
         k = _k_of(xp, self.frac, valid, logp)
-        chosen = topk_mask(xp, xp.astype(noise, logp.dtype), cand, k)
+        chosen = topk_mask(xp, xp.astype(noise, logp.dtype), cand, k, _kmax(self.frac, logp))
         weight = xp.where(chosen, xp.zeros_like(logp), xp.ones_like(logp))
         n_valid = count(xp, valid, logp)
         metrics = _polarity_metrics(xp, chosen, batch)
@@ -302,7 +310,7 @@ class KLCov(Rule):
         xp = batch.xp
         valid, logp = batch.valid, batch.logp
         cov = _centred_cov(xp, batch)
-        chosen = topk_mask(xp, cov, valid, _k_of(xp, self.frac, valid, logp))
+        chosen = topk_mask(xp, cov, valid, _k_of(xp, self.frac, valid, logp), _kmax(self.frac, logp))
         kl_coef = xp.where(chosen, xp.full_like(logp, self.coef), xp.zeros_like(logp))
         fracs = _polarity_metrics(xp, chosen, batch)
         metrics = {k.replace("clip_frac", "penalised_frac"): v for k, v in fracs.items()}
