@@ -53,6 +53,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from _common import cpu_model, fmt_r, fmt_s  # benchmarks/_common.py (script dir on sys.path)
+
 import theory  # noqa: E402
 from theory._xp import namespace  # noqa: E402
 from theory.rules import (  # noqa: E402
@@ -93,15 +95,6 @@ MODES = ("numpy", "torch", "compile")
 # ----------------------------------------------------------------------------------------- machine
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_info() -> dict:
@@ -228,12 +221,8 @@ def initial_state(backend: str):
 # -------------------------------------------------------------------------------------------- main
 
 
-def fmt_s(x: float | None) -> str:
-    return "—" if x is None else f"{x:.4g}"
 
 
-def fmt_r(x: float | None) -> str:
-    return "—" if x is None else f"{x:.1f}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

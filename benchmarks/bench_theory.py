@@ -51,6 +51,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from _common import cpu_model, fmt_r, fmt_s  # benchmarks/_common.py (script dir on sys.path)
+
 import theory  # noqa: E402
 
 SEED = 20260222
@@ -81,15 +83,6 @@ LARGE: list[tuple[str, tuple[str, ...]]] = [
 # ----------------------------------------------------------------------------------------- machine
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def read_text(path: str) -> str | None:
@@ -227,12 +220,8 @@ def write_ref_fn(backend: str, z) -> Callable[[], object]:
 # -------------------------------------------------------------------------------------------- main
 
 
-def fmt_s(x: float | None) -> str:
-    return "—" if x is None else f"{x:.4g}"
 
 
-def fmt_r(x: float | None) -> str:
-    return "—" if x is None else f"{x:.1f}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
