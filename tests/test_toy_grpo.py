@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import theory
+from theory import pass_at_k
 from theory.rules import ClipB, EntropyBonus, HighEntropyMask
 from toy.bandit import Bandit, sample_tokens
-from toy.grpo import GRPOConfig, _logit_gradient, init_state, pass_at_k, step
+from toy.grpo import GRPOConfig, _logit_gradient, init_state, step
 
 
 def test_sample_tokens_matches_probabilities_and_skips_zero():

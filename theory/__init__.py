@@ -31,6 +31,7 @@ from .first_order import (
     prob_change_single_logit,
 )
 from .grpo import ADVANTAGE_PRESETS, effective_step_size, grpo_advantages
+from .metrics import pass_at_k
 
 __all__ = [
     "ADVANTAGE_PRESETS",
@@ -50,6 +51,7 @@ __all__ = [
     "grpo_advantages",
     "grpo_logit_update",
     "log_softmax",
+    "pass_at_k",
     "prob_change_single_logit",
     "quadrant",
     "s_star",

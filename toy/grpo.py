@@ -30,7 +30,7 @@ from theory.rules import Rule, TokenBatch, make_rule
 
 from .bandit import Bandit, sample_tokens
 
-__all__ = ["GRPOConfig", "ToyState", "init_state", "step", "pass_at_k"]
+__all__ = ["GRPOConfig", "ToyState", "init_state", "step"]
 
 
 @dataclass(frozen=True)
@@ -107,18 +107,6 @@ def init_state(bandit: Bandit, cfg: GRPOConfig, *, runs: int = 1, seed: int = 0)
     if cfg.optimizer == "adam":
         state.adam_m, state.adam_v = np.zeros_like(logits), np.zeros_like(logits)
     return state
-
-
-def pass_at_k(n: int, c: np.ndarray, k: int) -> np.ndarray:
-    """Unbiased pass@k from ``n`` samples, ``c`` correct: ``1 - C(n - c, k) / C(n, k)`` (Chen et al. 2021)."""
-    if not 1 <= k <= n:
-        raise ValueError(f"k must lie in [1, n={n}], got {k!r}")
-    c = np.asarray(c)
-    # C(n - c, k) / C(n, k) = prod_{j < k} (n - c - j) / (n - j); a negative factor means C(n - c, k) = 0
-    ratio = np.ones(c.shape, dtype=np.float64)
-    for j in range(k):
-        ratio = ratio * np.clip(n - c - j, 0, None) / (n - j)
-    return 1.0 - ratio
 
 
 def _flat_index(tokens: np.ndarray, V: int) -> np.ndarray:
@@ -245,8 +233,8 @@ def step(bandit: Bandit, cfg: GRPOConfig, state: ToyState, *, table: np.ndarray 
     diag: dict[str, np.ndarray] = {
         "reward": rewards.mean(axis=(1, 2)),
         "accuracy": correct.mean(axis=(1, 2)),
-        "pass_at_1": pass_at_k(G, correct.sum(axis=-1), 1).mean(axis=-1),
-        f"pass_at_{G}": pass_at_k(G, correct.sum(axis=-1), G).mean(axis=-1),
+        "pass_at_1": theory.pass_at_k(G, correct.sum(axis=-1), 1).mean(axis=-1),
+        f"pass_at_{G}": theory.pass_at_k(G, correct.sum(axis=-1), G).mean(axis=-1),
         "entropy": H0.mean(axis=(1, 2)),
         "entropy_pos": _masked_mean(H_tok, adv_tok > 0),
         "entropy_neg": _masked_mean(H_tok, adv_tok < 0),
