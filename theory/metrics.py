@@ -14,6 +14,8 @@ __all__ = ["pass_at_k"]
 def pass_at_k(n: int, c, k: int):
     r"""Unbiased pass@k from ``n`` samples of which ``c`` are correct: ``1 - C(n - c, k) / C(n, k)``.
 
+    Chen et al. 2021, arXiv 2107.03374 §2.1 (the Pass@K of arXiv 2602.03392 §7).
+
     ``C(n - c, k) / C(n, k) = prod_{j < k} (n - c - j) / (n - j)``, computed as a product of ``k`` ratios
     (no factorials, no overflow); a factor ``n - c - j <= 0`` means ``C(n - c, k) = 0`` and pass@k = 1.
 
