@@ -312,6 +312,15 @@ def rule_params(name: str) -> st.SearchStrategy:
         )
     if name == "prob_weighted":
         return st.fixed_dictionaries({"alpha": s([0.0, 0.2, 1.0]), "prob_source": s(["old", "current"])})
+    if name == "quadrant_mask":
+        Q = T.QUADRANTS  # all four: only the undefined tokens are masked
+        return st.fixed_dictionaries(
+            {
+                "keep": s([("pos_high",), ("neg_low",), ("pos_low", "neg_high"), ("pos_high", "neg_low"), Q]),
+                "by": s(["deviation", "s_star"]),
+                "in_normaliser": st.booleans(),
+            }
+        )
     raise KeyError(name)  # pragma: no cover
 
 
@@ -322,7 +331,9 @@ def rules_for(name: str) -> st.SearchStrategy:
     """A rule instance: ``name`` from :data:`RULES`, or ``"compose"`` (two rules in sequence)."""
     if name not in _RULE_STRATEGIES:  # built once: strategy construction is slow compared to drawing
         if name == "compose":
-            first = st.sampled_from(["clip_b", "clip_v", "clip_cov", "high_entropy_mask", "ppl_shaping"])
+            first = st.sampled_from(
+                ["clip_b", "clip_v", "clip_cov", "high_entropy_mask", "ppl_shaping", "quadrant_mask"]
+            )
             second = st.sampled_from(["position_bonus", "entropy_bonus", "kl_cov", "prob_weighted"])
             strat = st.tuples(first.flatmap(rules_for), second.flatmap(rules_for)).map(R.Compose)
         else:

@@ -45,7 +45,7 @@ def parse_blocks(text: str) -> dict[str, dict[str, str]]:
 # ------------------------------------------------------------------------------------ entdyn rules
 
 
-def test_registry_has_the_ten_documented_rules():
+def test_registry_has_the_eleven_documented_rules():
     assert NAMES == [
         "clip_b",
         "clip_cov",
@@ -56,6 +56,7 @@ def test_registry_has_the_ten_documented_rules():
         "position_bonus",
         "ppl_shaping",
         "prob_weighted",
+        "quadrant_mask",
         "stage_detector",
     ]
 

@@ -36,6 +36,7 @@ from theory.rules import (
     PositionBonus,
     PPLShaping,
     ProbWeighted,
+    QuadrantMask,
     TokenBatch,
     make_rule,
 )
@@ -96,6 +97,12 @@ CASES = {
     "position_bonus": (PositionBonus(), 250, None),
     "position_bonus_stage": (PositionBonus(gate="stage", alpha=0.3), 0, "plateau"),
     "prob_weighted": (ProbWeighted(alpha=0.5), 0, None),
+    "quadrant_mask": (QuadrantMask(), 0, None),
+    "quadrant_mask_s_star_weight": (
+        QuadrantMask(keep=("pos_low", "neg_high"), by="s_star", in_normaliser=True),
+        0,
+        None,
+    ),
     "compose_clip_b_position": (make_rule("clip_b:mu=0.5+position_bonus:gate=always"), 0, None),
 }
 IDS = list(CASES)

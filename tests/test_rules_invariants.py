@@ -1,4 +1,4 @@
-"""Invariants of the rules (hypothesis), and the link between Clip_B/Clip_V and the theory (E6).
+"""Invariants of the rules (hypothesis), and the link between the rules and the theory (E4, E6).
 
 Properties run on NumPy; ``tests/test_rules_parity.py`` shows torch and array_api_strict give the same
 outputs. The gradient tests run on torch.
@@ -17,12 +17,15 @@ from hypothesis import strategies as st
 import theory as T
 from tests.conftest import Backend, to_numpy
 from tests.rule_strategies import (
+    BatchData,
     batches,
+    group_advantages,
     make_batch,
     output_to_numpy,
     real_batch,
     rules_for,
     run_rule,
+    sample_tokens,
     token_rule_names,
 )
 from theory import rules as R
@@ -344,3 +347,108 @@ def test_theory_link_batch_is_on_policy():
     np.testing.assert_allclose(d.logp, np.take_along_axis(T.log_softmax(z), tok[..., None], -1)[..., 0])
     batch = make_batch(NP, d)
     assert batch.old_logp is None
+
+
+# --- theory link: one kept quadrant fixes the sign of the first-order entropy change (E4, E6) --------
+
+#: the quadrant table of Theorem 3.3: sign of the first-order entropy change of a step on each quadrant
+QUADRANT_DH_SIGN = {"pos_high": -1.0, "pos_low": 1.0, "neg_high": 1.0, "neg_low": -1.0}
+
+
+def _shared_state_batch(seed, B, Tn, V, scale, valid_p):
+    """``Tn`` random softmax states ``z`` (Tn, V), each visited by all ``B`` sequences (one GRPO group).
+
+    Tokens are sampled on-policy; advantages are GRPO advantages of random binary rewards (or continuous
+    ones when every reward would be equal). Returns ``(BatchData, z, tokens)``.
+    """
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(Tn, V)) * scale
+    zb = np.broadcast_to(z, (B, Tn, V))
+    tok = sample_tokens(rng, zb)
+    rewards = rng.integers(0, 2, size=B).astype(np.float64)
+    if rewards.min() == rewards.max():
+        rewards = rng.random(B)
+    adv = np.broadcast_to(group_advantages(rewards, np.zeros(B, np.int64))[:, None], (B, Tn)).copy()
+    logp = np.take_along_axis(T.log_softmax(zb), tok[..., None], axis=-1)[..., 0]
+    d = BatchData(
+        logp=logp,
+        adv=adv,
+        valid=rng.random((B, Tn)) < valid_p,
+        old_logp=None,
+        entropy=np.broadcast_to(T.entropy(z), (B, Tn)).copy(),
+        baseline=np.broadcast_to(T.vocab_baseline(z), (B, Tn)).copy(),
+        group=np.zeros(B, np.int64),
+        noise=rng.random((B, Tn)),
+    )
+    return d, z, tok
+
+
+def _sgd_step_dH(z, tok, d, out, eta):
+    """Per-state first-order entropy change (E4) of one exact SGD step on the masked surrogate.
+
+    The backend's loss is ``J = sum_{t in keep} w_t A_t log p_{k_t} / |keep|`` (a token mean over ``keep``);
+    its exact gradient with respect to the logits of state ``s`` is ``sum_b w A (e_k - p_s) / |keep|``
+    over the tokens at ``s`` (E5), so one SGD ascent step of size ``eta`` moves the logits by the sum of
+    ``grpo_logit_update`` over those tokens. Returns ``(dH per state (Tn,), alpha per token (B, Tn))``.
+    """
+    keep = out["keep"]
+    w = np.ones_like(d.adv) if out["weight"] is None else out["weight"]
+    alpha = np.where(keep, eta * w * d.adv, 0.0) / max(int(keep.sum()), 1)  # (B, Tn)
+    zb = np.broadcast_to(z, tok.shape + z.shape[-1:])
+    dz = T.grpo_logit_update(zb, tok, alpha).sum(axis=0)  # (Tn, V): all tokens at a state add up
+    return T.entropy_change_first_order(z, dz), alpha
+
+
+def _check_quadrant_step(d, z, tok, q, in_normaliser, eta=ETA):
+    out = output_to_numpy(run_rule(NP, R.QuadrantMask(keep=(q,), in_normaliser=in_normaliser), d))
+    selected = out["keep"] if out["weight"] is None else out["keep"] & (out["weight"] == 1.0)
+    dH, alpha = _sgd_step_dH(z, tok, d, out, eta)
+    sign = QUADRANT_DH_SIGN[q]
+    # each selected token's (E6) term -alpha (S* - E_p[S]) has the quadrant's sign ...
+    terms = -alpha * T.deviation(np.broadcast_to(z, tok.shape + z.shape[-1:]), tok)  # (B, Tn)
+    tol = 1e-12 * eta
+    assert (sign * terms[selected] >= -tol).all()
+    # ... and the state's first-order change is their sum (E4 is linear in dz), a sum of same-sign terms
+    np.testing.assert_allclose(dH, terms.sum(axis=0), rtol=1e-9, atol=tol)
+    assert (sign * dH >= -tol).all(), (q, dH)
+    return dH, selected
+
+
+@pytest.mark.parametrize("in_normaliser", [False, True])
+@pytest.mark.parametrize("q", list(QUADRANT_DH_SIGN))
+def test_quadrant_mask_step_has_the_sign_of_the_quadrant_table(q, in_normaliser):
+    """Hypothesis: random states, one kept quadrant (by the deviation): sign(dH) per state as in §4.2."""
+
+    @given(
+        seed=st.integers(0, 2**32 - 1),
+        B=st.integers(2, 8),
+        Tn=st.integers(1, 6),
+        V=st.integers(2, 12),
+        scale=st.sampled_from([0.5, 1.0, 2.0, 4.0]),
+        valid_p=st.sampled_from([0.6, 1.0]),
+    )
+    def check(seed, B, Tn, V, scale, valid_p):
+        d, z, tok = _shared_state_batch(seed, B, Tn, V, scale, valid_p)
+        _check_quadrant_step(d, z, tok, q, in_normaliser)
+
+    check()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_quadrant_mask_steps_are_strictly_signed_and_partition_the_grpo_step(seed):
+    """Fixed states where every quadrant has tokens: the sign is strict on every state a kept token visits,
+    and with the normaliser unchanged the four one-quadrant steps add up to the plain GRPO step."""
+    d, z, tok = _shared_state_batch(seed, 8, 6, 10, 2.0, 0.9)
+    assert len(np.unique(np.sign(d.adv))) == 2, "fixture needs both advantage signs"
+    total = np.zeros(z.shape[0])
+    for q, sign in QUADRANT_DH_SIGN.items():
+        dH, selected = _check_quadrant_step(d, z, tok, q, in_normaliser=True)
+        assert selected.any(), f"seed {seed}: no {q} token"
+        visited = selected.any(axis=0)  # states with at least one kept token
+        assert (sign * dH[visited] > 0).all() and (dH[~visited] == 0).all()
+        total += dH
+    grpo = R.QuadrantMask(keep=T.QUADRANTS, in_normaliser=True)
+    full = output_to_numpy(run_rule(NP, grpo, d))
+    assert (full["weight"][d.valid] == 1.0).all()  # A != 0 and D != 0 everywhere: nothing undefined here
+    dH_full, _ = _sgd_step_dH(z, tok, d, full, ETA)
+    np.testing.assert_allclose(total, dH_full, rtol=1e-9, atol=1e-15)

@@ -89,7 +89,7 @@ def test_backend_parity(name):
     check()
 
 
-def test_token_rules_are_the_nine_registered():
+def test_token_rules_are_the_ten_registered():
     """The parity test covers every registered token rule (the stage detector is kind "detector")."""
     assert token_rule_names() == sorted(
         [
@@ -102,6 +102,7 @@ def test_token_rules_are_the_nine_registered():
             "ppl_shaping",
             "position_bonus",
             "prob_weighted",
+            "quadrant_mask",
         ]
     )
     assert R.RULES["stage_detector"].kind == "detector"

@@ -493,6 +493,196 @@ def test_high_entropy_mask_quantile(be, rho, n_kept):
     assert not _np(out2.keep)[1, 3]  # the invalid token with the largest entropy is never kept
 
 
+# --- quadrant mask (the sign-verification intervention) ------------------------------------------
+
+# One real distribution p = (0.5, 0.45, 0.05) sampled at token 0, 1 and 2, and a uniform two-token one:
+#   token 0: S* = 0.0813 > 0, D = S* - E_p[S] = +0.0344  -> "high" by both scores
+#   token 1: S* = 0.0257 > 0 > D = -0.0212                -> "high" by s_star, "low" by deviation
+#   token 2: S* = -0.1070 < 0, D < 0                      -> "low" by both
+#   uniform: S* = 0 exactly (H = -log 0.5), E_p[S] = 0    -> undefined by both
+QM_P = [0.5, 0.45, 0.05]
+QM_H = -sum(p * math.log(p) for p in QM_P)
+QM_BASE = sum(p * _sstar(math.log(p), QM_H) for p in QM_P)  # E_p[S] = sum_i p_i S_i
+_QM_CELLS = [(math.log(p), QM_H, QM_BASE) for p in QM_P] + [(math.log(0.5), -math.log(0.5), 0.0)]
+QM_LOGP = np.array([[c[0] for c in _QM_CELLS]] * 4)
+QM_H_ARR = np.array([[c[1] for c in _QM_CELLS]] * 4)
+QM_BASELINE = np.array([[c[2] for c in _QM_CELLS]] * 4)
+QM_ADV = _per_token([1.0, -0.5, 0.0, 2.0], 4)  # a zero-advantage row: every token undefined
+QM_VALID = np.array([[True] * 4, [True] * 4, [True] * 4, [False, True, True, True]])
+_U = None  # undefined quadrant
+QM_BY = {
+    "deviation": [
+        ["pos_high", "pos_low", "pos_low", _U],
+        ["neg_high", "neg_low", "neg_low", _U],
+        [_U, _U, _U, _U],
+        ["pos_high", "pos_low", "pos_low", _U],  # (0, 0) is invalid
+    ],
+    "s_star": [
+        ["pos_high", "pos_high", "pos_low", _U],
+        ["neg_high", "neg_high", "neg_low", _U],
+        [_U, _U, _U, _U],
+        ["pos_high", "pos_high", "pos_low", _U],
+    ],
+}
+
+
+def _qm_fields(**override):
+    fields = {
+        "logp": QM_LOGP,
+        "adv": QM_ADV,
+        "valid": QM_VALID,
+        "entropy": QM_H_ARR,
+        "baseline": QM_BASELINE,
+    }
+    fields.update(override)
+    return fields
+
+
+def _qm_expected(by, keep):
+    grid = QM_BY[by]
+    return np.array([[grid[b][t] in keep for t in range(4)] for b in range(4)]) & QM_VALID
+
+
+def test_quadrant_mask_fixture_is_as_described():
+    s = [_sstar(lp, h) for lp, h, _ in _QM_CELLS]
+    d = [x - base for x, (_, _, base) in zip(s, _QM_CELLS, strict=True)]
+    assert QM_BASE >= 0.0  # E_p[S] = Cov_p(p, log p) >= 0
+    assert s[0] > 0 and d[0] > 0
+    assert s[1] > 0 > d[1]  # the token where the two scores disagree
+    assert s[2] < 0 and d[2] < 0
+    assert s[3] == 0.0 and d[3] == 0.0  # exactly, so undefined on every backend
+
+
+@pytest.mark.parametrize("by", ["deviation", "s_star"])
+@pytest.mark.parametrize(
+    "keep,n_kept",
+    [
+        (("pos_high",), {"deviation": 1, "s_star": 3}),
+        (("pos_low",), {"deviation": 4, "s_star": 2}),
+        (("neg_high",), {"deviation": 1, "s_star": 2}),
+        (("neg_low",), {"deviation": 2, "s_star": 1}),
+        (("pos_high", "neg_low"), {"deviation": 3, "s_star": 4}),
+        (("pos_low", "neg_high"), {"deviation": 5, "s_star": 4}),
+    ],
+)
+def test_quadrant_mask_keeps_exactly_the_chosen_quadrants(be, by, keep, n_kept):
+    out = _run(be, R.QuadrantMask(keep=keep, by=by), **_qm_fields())
+    expected = _qm_expected(by, keep)
+    assert expected.sum() == n_kept[by]
+    np.testing.assert_array_equal(_np(out.keep), expected)
+    assert out.weight is None
+    np.testing.assert_array_equal(_np(out.adv), QM_ADV)
+    n_valid = QM_VALID.sum()  # 15
+    m = {k: float(_np(v)) for k, v in out.metrics.items()}
+    assert m["kept_frac"] == pytest.approx(n_kept[by] / n_valid, rel=1e-12)
+    assert m["clip_frac"] == pytest.approx(1 - n_kept[by] / n_valid, rel=1e-12)
+    pos, neg = QM_VALID & (QM_ADV > 0), QM_VALID & (QM_ADV < 0)
+    assert m["clip_frac_pos"] == pytest.approx((pos & ~expected).sum() / pos.sum(), rel=1e-12)
+    assert m["clip_frac_neg"] == pytest.approx((neg & ~expected).sum() / neg.sum(), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "by,counts",
+    [
+        ("deviation", {"pos_high": 1, "pos_low": 4, "neg_high": 1, "neg_low": 2, "undefined": 7}),
+        ("s_star", {"pos_high": 3, "pos_low": 2, "neg_high": 2, "neg_low": 1, "undefined": 7}),
+    ],
+)
+def test_quadrant_mask_quadrant_fractions(be, by, counts):
+    """Per-quadrant metrics are fractions of the 15 valid tokens (never percents) and sum to 1."""
+    out = _run(be, R.QuadrantMask(by=by), **_qm_fields())
+    grid = QM_BY[by]
+    for q, n in counts.items():
+        want = sum(QM_VALID[b, t] and (grid[b][t] or "undefined") == q for b, t in _cells((4, 4)))
+        assert want == n, q
+        assert float(_np(out.metrics[f"{q}_frac"])) == pytest.approx(n / 15, rel=1e-12), q
+    assert sum(counts.values()) == 15
+
+
+def test_quadrant_mask_s_star_and_deviation_differ_on_one_token_per_row(be):
+    """Where S* > 0 > S* - E_p[S] (column 1) the two scores put a token in different quadrants."""
+    a = _np(_run(be, R.QuadrantMask(keep=("pos_high", "neg_high")), **_qm_fields()).keep)
+    b = _np(_run(be, R.QuadrantMask(keep=("pos_high", "neg_high"), by="s_star"), **_qm_fields()).keep)
+    diff = a != b
+    np.testing.assert_array_equal(diff, np.array([[0, 1, 0, 0], [0, 1, 0, 0], [0] * 4, [0, 1, 0, 0]], bool))
+    assert b[diff].all()  # "high" by S*, "low" by the deviation
+
+
+@pytest.mark.parametrize("by", ["deviation", "s_star"])
+def test_quadrant_mask_drops_undefined_tokens(be, by):
+    """Keeping all four quadrants still drops A = 0 tokens and zero-score tokens."""
+    out = _run(be, R.QuadrantMask(keep=("pos_high", "pos_low", "neg_high", "neg_low"), by=by), **_qm_fields())
+    expected = QM_VALID.copy()
+    expected[2, :] = False  # A = 0
+    expected[:, 3] = False  # S* = 0 (and E_p[S] = 0)
+    np.testing.assert_array_equal(_np(out.keep), expected)
+    assert float(_np(out.metrics["undefined_frac"])) == pytest.approx(7 / 15, rel=1e-12)
+
+
+def test_quadrant_mask_in_normaliser(be):
+    """in_normaliser=True: every valid token stays in the normaliser, unselected ones get weight 0."""
+    keep = ("pos_low", "neg_high")
+    out = _run(be, R.QuadrantMask(keep=keep, in_normaliser=True), **_qm_fields())
+    expected = _qm_expected("deviation", keep)
+    np.testing.assert_array_equal(_np(out.keep), QM_VALID)
+    w = _np(out.weight)
+    np.testing.assert_array_equal(w, np.where(QM_VALID & ~expected, 0.0, 1.0))
+    assert w[0, 0] == 0.0 and w[3, 0] == 1.0  # the same pos_high cell: valid -> 0, invalid -> neutral 1
+    out2 = _run(be, R.QuadrantMask(keep=keep), **_qm_fields())
+    np.testing.assert_array_equal(_np(out2.keep), expected)
+    assert out2.weight is None
+    for k, v in out.metrics.items():  # same selection, same metrics
+        assert float(_np(v)) == float(_np(out2.metrics[k])), k
+
+
+def test_quadrant_mask_reads_the_behaviour_logp(be):
+    """S* comes from old_logp when given: an old log-prob of the uniform cell moves it to a quadrant."""
+    old = QM_LOGP.copy()
+    old[:, 3] = math.log(0.9)  # S* = 0.9 (H + log 0.9) > 0 with H = log 2; baseline 0: "high"
+    out = _run(be, R.QuadrantMask(keep=("pos_high",)), **_qm_fields(old_logp=old))
+    expected = _qm_expected("deviation", ("pos_high",))
+    expected[[0, 3], 3] = True  # the positive rows' last column
+    np.testing.assert_array_equal(_np(out.keep), expected)
+
+
+def test_quadrant_mask_baseline_needed_only_by_deviation(be):
+    with pytest.raises(ValueError, match="baseline"):
+        _run(be, R.QuadrantMask(), **_qm_fields(baseline=None))
+    out = _run(be, R.QuadrantMask(by="s_star"), **_qm_fields(baseline=None))
+    np.testing.assert_array_equal(_np(out.keep), _qm_expected("s_star", ("pos_high",)))
+    with pytest.raises(ValueError, match="entropy"):
+        _run(be, R.QuadrantMask(by="s_star"), **_qm_fields(entropy=None))
+
+
+@pytest.mark.parametrize(
+    "kwargs,word",
+    [
+        ({"keep": ("pos_high", "positive")}, "keep.*'positive'"),
+        ({"keep": ()}, "keep"),
+        ({"keep": ("neg_low", "neg_low")}, "keep.*twice"),
+        ({"keep": 3}, "keep"),
+        ({"by": "sign"}, "by.*'sign'"),
+    ],
+)
+def test_quadrant_mask_validation(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        R.QuadrantMask(**kwargs)
+
+
+def test_quadrant_mask_from_specs():
+    r = R.make_rule("quadrant_mask:keep=pos_high/neg_low,by=s_star")
+    assert r == R.QuadrantMask(keep=("pos_high", "neg_low"), by="s_star")
+    assert R.make_rule("quadrant_mask:keep=neg_low,in_normaliser=true") == R.QuadrantMask(
+        keep=("neg_low",), in_normaliser=True
+    )
+    assert R.make_rule("quadrant_mask") == R.QuadrantMask()
+    assert R.make_rule({"name": "quadrant_mask", "keep": ["pos_low"]}).keep == ("pos_low",)
+    assert R.QuadrantMask(keep="neg_high").keep == ("neg_high",)
+    with pytest.raises(ValueError, match="keep"):
+        R.make_rule("quadrant_mask:keep=pos_high/sideways")
+    assert R.make_rule("ppl_shaping:clamp=0.9/1.1").clamp == (0.9, 1.1)  # numeric tuples unchanged
+
+
 # --- entropy bonus ---------------------------------------------------------------------------------
 
 EB_VALID = np.array([[True, True, False], [True, False, False]])
@@ -865,6 +1055,8 @@ def _all_rules():
         R.PPLShaping(alpha=0.5),
         R.PositionBonus(gate="always"),
         R.ProbWeighted(),
+        R.QuadrantMask(),
+        R.QuadrantMask(keep=("pos_low", "neg_high"), by="s_star", in_normaliser=True),
         R.Compose((R.ClipB(mu=0.5), R.PositionBonus(gate="always"))),
     ]
 
@@ -998,6 +1190,7 @@ def test_describe_rules_covers_all():
         "ppl_shaping",
         "position_bonus",
         "prob_weighted",
+        "quadrant_mask",
         "stage_detector",
     }
     for d in R.describe_rules():

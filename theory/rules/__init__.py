@@ -11,6 +11,7 @@ source and known differences from the reference code.
 from .base import RULES, Compose, Rule, RuleOutput, TokenBatch, describe_rules, make_rule, register
 from .clipping import ClipB, ClipCov, ClipV, HighEntropyMask, KLCov
 from .entropy_control import EntropyBonus, StageDetector, StageState
+from .intervention import QuadrantMask
 from .shaping import PositionBonus, PPLShaping, ProbWeighted
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "PPLShaping",
     "PositionBonus",
     "ProbWeighted",
+    "QuadrantMask",
     "Rule",
     "RuleOutput",
     "StageDetector",

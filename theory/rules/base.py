@@ -320,8 +320,10 @@ def make_rule(spec: str | dict | Rule) -> Rule:
             if not eq or key not in defaults:
                 raise ValueError(f"{name}: unknown parameter {key!r}; parameters: {', '.join(defaults)}")
             where = f"{name}.{key}"
-            if "/" in value:
-                kwargs[key] = tuple(_parse_value(v, 0.0, where) for v in value.split("/"))
+            if "/" in value:  # a tuple; elements parse like the default's first element (numbers if none)
+                current = defaults[key]
+                elem = current[0] if isinstance(current, tuple) and current else 0.0
+                kwargs[key] = tuple(_parse_value(v, elem, where) for v in value.split("/"))
             else:
                 kwargs[key] = _parse_value(value, defaults[key], where)
         rules.append(_build(cls, kwargs, name))
