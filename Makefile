@@ -33,6 +33,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	MPLBACKEND=Agg $(VENV)/bin/entdyn demo --out $(OUT)
+	MPLBACKEND=Agg $(VENV)/bin/entdyn toy all --quick --out $(OUT)/toy
+	@echo "figures and summaries: $(OUT)/theory_demo.png, $(OUT)/summary.json, $(OUT)/toy/<experiment>/"
 
 test: $(STAMP)
 	MPLBACKEND=Agg HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
@@ -42,6 +44,8 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_theory.py
+	$(PY) benchmarks/bench_rules.py
+	$(PY) benchmarks/bench_toy.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check theory toy scale tests benchmarks

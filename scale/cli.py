@@ -4,6 +4,7 @@ Usage::
 
     entdyn demo [--out runs/demo] [--seed 0] [--n 4000] [--quick]
     entdyn rules [NAME ...] [--json]
+    entdyn toy NAME [NAME ...] [--out DIR] [--quick] [--seed S] [--runs R] [--steps N]
     python -m scale.cli demo ...
 
 Subcommands:
@@ -21,8 +22,13 @@ Subcommands:
     :func:`theory.rules.describe_rules` as JSON. The names and ``key=value`` parameters shown are what
     :func:`theory.rules.make_rule` spec strings take; ``docs/rules.md`` has the formulas.
 
-The CLI will grow with later work: ``toy`` (the NumPy bandit lab), ``train`` (the torch GRPO trainer)
-and ``plot`` (figures from run directories).
+``toy``
+    Named softmax-bandit experiments (:mod:`toy.experiments`): ``first-order``, ``quadrants``,
+    ``collapse``, ``rules``, ``stages``, ``shaping``, ``coupling``; ``all`` runs every one and ``list``
+    lists them. Each writes ``summary.json``, ``curves.json``, PNG figures and ``table.md``.
+
+The CLI will grow with later work: ``train`` (the torch GRPO trainer) and ``plot`` (figures from run
+directories).
 
 Each subcommand imports its implementation lazily inside its handler, so ``import scale.cli`` stays
 light and never imports torch; only subcommands that need torch (``train``) will import it.
@@ -41,6 +47,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from toy.demo import main as demo_main  # lazy: NumPy + matplotlib only
 
     return demo_main(args.out, seed=args.seed, n=args.n, quick=args.quick)
+
+
+def _cmd_toy(args: argparse.Namespace) -> int:
+    from toy.experiments import EXPERIMENTS  # lazy: NumPy + matplotlib only
+    from toy.experiments import main as toy_main
+
+    if args.names == ["list"]:
+        for name, fn in EXPERIMENTS.items():
+            print(f"{name:12s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    try:
+        return toy_main(args.names, args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress,
+                        runs=args.runs, steps=args.steps)
+    except ValueError as err:
+        print(f"entdyn toy: {err}", file=sys.stderr)
+        return 2
 
 
 def _format_default(value) -> str:
@@ -144,7 +166,34 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("names", nargs="*", metavar="NAME", help="only these rules (default: all)")
     rules.add_argument("--json", action="store_true", help="print describe_rules() as JSON")
     rules.set_defaults(handler=_cmd_rules)
+
+    toy = sub.add_parser(
+        "toy",
+        help="named softmax-bandit experiments (first-order, quadrants, collapse, rules, stages, ...)",
+        description=(
+            "Run named toy experiments (NumPy, many seeds at once): first-order, quadrants, collapse, "
+            "rules, stages, shaping, coupling; 'all' runs every one (into DIR/<name>), 'list' lists them. "
+            "Each writes summary.json, curves.json, PNG figures and table.md into DIR."
+        ),
+    )
+    toy.add_argument("names", nargs="+", metavar="NAME", help="experiment name(s), 'all' or 'list'")
+    toy.add_argument("--out", default=None, metavar="DIR",
+                     help="output directory (default: runs/toy/<name>, or runs/toy for several)")
+    toy.add_argument("--quick", action="store_true",
+                     help="small version (seconds; still meets the thresholds)")
+    toy.add_argument("--seed", type=int, default=0, help="base seed (default: %(default)s)")
+    toy.add_argument("--runs", type=_positive_int, default=None, help="seeds per configuration (override)")
+    toy.add_argument("--steps", type=_positive_int, default=None, help="training steps (override)")
+    toy.add_argument("--no-progress", action="store_true", help="no progress bar")
+    toy.set_defaults(handler=_cmd_toy)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "n", None) is not None and args.n < 1:
         parser.error("--n must be a positive integer")
+    if args.command == "toy" and args.out is None:
+        single = len(args.names) == 1 and args.names != ["all"]
+        args.out = f"runs/toy/{args.names[0]}" if single else "runs/toy"
     return int(args.handler(args) or 0)
 
 

@@ -70,7 +70,7 @@ def test_runs_are_independent_of_the_batch_they_run_in():
     cfg = GRPOConfig(group_size=4, lr=0.3, epochs=2, rule=ClipB(mu=1.0), init_scale=1.0)
     together = init_state(b, cfg, runs=4, seed=11)
     alone = init_state(b, cfg, runs=4, seed=11)
-    alone.logits, alone.rngs = alone.logits[2:3].copy(), alone.rngs[2:3]
+    alone.params, alone.rngs = alone.params[2:3].copy(), alone.rngs[2:3]
     for _ in range(8):
         d_all = step(b, cfg, together)
         d_one = step(b, cfg, alone)

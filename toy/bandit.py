@@ -101,22 +101,43 @@ class Bandit:
         return (rng.random(correct.shape) < p).astype(np.float64)
 
 
-def sample_tokens(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Inverse-CDF samples: ``probs (..., V)`` and uniforms ``u (..., n)`` in [0, 1) -> int64 ``(..., n)``.
+def _block_size(V: int, cap: int = 64) -> int:
+    """The largest divisor of ``V`` that is at most ``cap`` (1 for a prime ``V > cap``)."""
+    return max(b for b in range(1, min(V, cap) + 1) if V % b == 0)
 
-    Vectorised over all rows with one ``searchsorted``: row ``i``'s CDF is shifted by ``i`` so the
-    concatenation stays sorted. A token with probability 0 is never drawn. The caller draws ``u`` from
-    its own generator (no hidden randomness).
+
+def sample_tokens(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Inverse-CDF samples: ``weights (..., V)`` (probabilities, or any non-negative unnormalised
+    weights) and uniforms ``u (..., n)`` in [0, 1) -> int64 ``(..., n)``.
+
+    Token ``k`` of a row is drawn with probability ``weights[k] / sum(weights)``; a token of weight 0
+    is never drawn. Vectorised over all rows without a full cumulative sum: the vocabulary is cut into
+    blocks of ``b`` tokens (``b`` the largest divisor of ``V`` up to 64); one float64 cumulative sum of
+    the block masses over *all* rows (row ``i`` occupies ``(C_{i-1}, C_i]`` of it, so it stays sorted)
+    locates each sample's block with a single ``searchsorted``, and a cumulative sum over that block's
+    ``b`` weights locates the token. The cost is one pass over ``weights`` plus ``O(n b)``. The caller
+    draws ``u`` from its own generator (no hidden randomness).
     """
-    lead, V = probs.shape[:-1], probs.shape[-1]
+    lead, V = weights.shape[:-1], weights.shape[-1]
     if u.shape[:-1] != lead:
         raise ValueError(f"u must have shape {lead} + (n,), got {u.shape}")
     n = u.shape[-1]
     rows = int(np.prod(lead)) if lead else 1
-    cdf = np.cumsum(probs.reshape(rows, V), axis=-1)
-    cdf /= cdf[:, -1:]  # exactly 1 at the end of every row
-    offset = np.arange(rows, dtype=np.float64)[:, None]
-    # side="right": the first index whose CDF is strictly above u (skips zero-probability tokens)
-    idx = np.searchsorted((cdf + offset).ravel(), (u.reshape(rows, n) + offset).ravel(), side="right")
-    tok = idx.reshape(rows, n) - np.arange(rows)[:, None] * V
-    return np.minimum(tok, V - 1).reshape(lead + (n,)).astype(np.int64)
+    b = _block_size(V)
+    nb = V // b
+    blocks = weights.reshape(rows * nb, b)
+    mass = blocks.sum(axis=-1, dtype=np.float64)  # (rows * nb,)
+    cs = np.cumsum(mass)
+    ends = cs[nb - 1 :: nb]  # (rows,) C_i
+    starts = np.concatenate(([0.0], ends[:-1]))
+    q = (starts[:, None] + u.reshape(rows, n) * (ends - starts)[:, None]).ravel()  # (rows * n,)
+    order = np.argsort(q)  # sorted queries walk the CDF in memory order (cache friendly)
+    blk = np.empty(q.size, dtype=np.int64)
+    blk[order] = np.searchsorted(cs, q[order], side="right")
+    row = np.repeat(np.arange(rows), n)
+    blk = np.clip(blk, row * nb, row * nb + nb - 1)  # guards the last ulp of a row
+    rest = q - (cs[blk] - mass[blk])  # mass still to walk inside the block
+    within = np.cumsum(blocks[blk], axis=-1, dtype=np.float64)  # (rows * n, b)
+    j = np.minimum((within <= rest[:, None]).sum(axis=-1), b - 1)
+    tok = (blk - row * nb) * b + j
+    return tok.reshape(lead + (n,))

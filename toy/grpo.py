@@ -1,19 +1,33 @@
-"""Vectorised GRPO on tabular softmax bandits, with the theory's predictions beside every update.
+"""Vectorised GRPO and REINFORCE on softmax bandits, with the theory's predictions beside every update.
 
 ``R`` independent runs advance together in one array program. Each run has its own random stream
 (``numpy.random.SeedSequence(seed).spawn(R)``), so run ``r`` of a batch gives exactly what it gives
 alone. One :func:`step`:
 
 1. samples ``G`` responses per prompt from ``p = softmax(z)``, ``z`` of shape ``(R, M, T, V)``;
-2. scores them, computes group advantages (:func:`theory.grpo_advantages`);
+2. scores them and computes advantages: group-normalised (GRPO, :func:`theory.grpo_advantages`) or
+   reward minus a running per-prompt baseline (REINFORCE);
 3. builds a :class:`theory.rules.TokenBatch` of shape ``(R, M*G, T)`` and applies the configured rule —
-   **the one place where a rule's output meets the update** (:func:`_logit_gradient`);
+   **the one place where a rule's output meets the update** (the PPO-epoch loop of :func:`step`);
 4. runs ``epochs`` PPO epochs on the same samples (ratio clipping with ``clip_low``/``clip_high``,
-   token-mean / seq-mean / constant aggregation), each a logit-space gradient ascent step (SGD or Adam);
-5. records diagnostics: the realised entropy change of every state (:func:`theory.exact_entropy_change`)
-   beside the first- (E4) and second-order predictions for the *actual* update, the quadrant breakdown
-   (``sign(A) x sign(S* - E_p[S])``) with each quadrant's share of the first-order change, Cor 3.5's
-   batch means, reward, pass@k and the rule's metrics.
+   token-mean / seq-mean / constant aggregation), each a gradient ascent step (SGD or Adam) on the
+   policy's parameters;
+5. records diagnostics. Cheap ones every step (reward, accuracy, pass@k, entropy overall / by polarity /
+   by position); with ``diagnostics=True`` also the realised entropy change of every state
+   (:func:`theory.exact_entropy_change`) beside the first- (E4) and second-order predictions for the
+   *actual* update, the per-token (E6) prediction summed over tokens ("tabular prediction"), the quadrant
+   breakdown (``sign(A) x sign(S* - E_p[S])``) with each quadrant's share, Cor 3.5's batch means, and
+   the rule's metrics.
+
+Policies (:class:`GRPOConfig` ``policy``):
+
+* ``"tabular"``: the logits are the parameters, ``z`` of shape ``(R, M, T, V)``. This is the setting of
+  arXiv 2602.03392 §3-4, where (E6) summed over a batch's tokens *is* the first-order change (E4).
+* ``"linear"``: a shared-feature linear softmax ``z[m, t] = Phi[m, t] @ w`` with fixed random features
+  ``Phi`` of shape ``(M, T, V, d)`` and one parameter vector ``w`` of shape ``(R, d)``; one update moves
+  every logit of every state. Because ``z`` is linear in ``w``, ``dz = Phi @ dw`` exactly, so (E4)
+  applied to that ``dz`` is the exact parameter-space first-order prediction ``grad_w H . dw``; the
+  per-token (E6) sum is then only the tabular approximation (see the ``coupling`` experiment).
 
 NumPy only (never torch); every formula comes from :mod:`theory`.
 """
@@ -26,20 +40,25 @@ from typing import Any, Literal
 import numpy as np
 
 import theory
+from theory._xp import shifted_exp
 from theory.rules import Rule, TokenBatch, make_rule
 
 from .bandit import Bandit, sample_tokens
 
-__all__ = ["GRPOConfig", "ToyState", "init_state", "step"]
+__all__ = ["GRPOConfig", "ToyState", "init_state", "step", "policy_features"]
+
+CHEAP_KEYS = ("reward", "accuracy", "pass_at_1", "entropy", "entropy_pos", "entropy_neg")
 
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    """Hyperparameters of toy GRPO (names follow TRL/verl where they exist).
+    """Hyperparameters of toy GRPO / REINFORCE (names follow TRL/verl where they exist).
 
     Attributes:
-        group_size: ``G`` responses per prompt (>= 2).
-        lr: learning rate of the logit update (> 0).
+        algorithm: ``"grpo"`` (group-normalised advantages) or ``"reinforce"`` (advantage = reward minus
+            a running per-prompt mean reward with decay ``baseline_decay``; ``group_size`` may be 1).
+        group_size: ``G`` responses per prompt (>= 2 for GRPO).
+        lr: learning rate (> 0).
         optimizer: ``"sgd"`` or ``"adam"`` (betas 0.9/0.999, eps 1e-8).
         epochs: ``μ`` PPO epochs over the same samples (> 1 makes ratios differ from 1).
         clip_low / clip_high: ratio clip ``[1 - clip_low, 1 + clip_high]``; a larger ``clip_high`` is
@@ -48,9 +67,16 @@ class GRPOConfig:
             divide by ``M * G * T``).
         adv_scale / adv_eps: :func:`theory.grpo_advantages` options.
         rule: a rule, a spec string for :func:`theory.rules.make_rule`, or None.
-        init_scale: the initial logits are ``init_scale * N(0, 1)`` (0: uniform policy).
+        init_scale: initial parameters are ``init_scale * N(0, 1)`` (0: uniform policy).
+        baseline_decay: REINFORCE's baseline EMA weight of the old value, in [0, 1).
+        policy: ``"tabular"`` or ``"linear"`` (see the module docstring).
+        n_features: ``d`` of the linear policy.
+        feature_seed: seed of the linear policy's fixed features (shared by all runs).
+        dtype: the parameters' and the rollout's float type. ``"float32"`` is ~3x faster here (NumPy's
+            float64 ``exp`` is not vectorised); the theory diagnostics are always computed in float64.
     """
 
+    algorithm: Literal["grpo", "reinforce"] = "grpo"
     group_size: int = 8
     lr: float = 0.1
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -62,12 +88,21 @@ class GRPOConfig:
     adv_eps: float = 1e-6
     rule: Any = None
     init_scale: float = 0.0
+    baseline_decay: float = 0.9
+    policy: Literal["tabular", "linear"] = "tabular"
+    n_features: int = 16
+    feature_seed: int = 0
+    dtype: Literal["float64", "float32"] = "float64"
 
     def __post_init__(self):
-        if self.group_size < 2:
-            raise ValueError(f"group_size (G) must be >= 2, got {self.group_size!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.algorithm not in ("grpo", "reinforce"):
+            raise ValueError(f"algorithm must be 'grpo' or 'reinforce', got {self.algorithm!r}")
+        min_g = 2 if self.algorithm == "grpo" else 1
+        if not isinstance(self.group_size, int | np.integer) or self.group_size < min_g:
+            raise ValueError(f"group_size (G) must be an integer >= {min_g} for {self.algorithm}, "
+                             f"got {self.group_size!r}")
+        if not (isinstance(self.lr, int | float) and np.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.epochs < 1:
@@ -78,35 +113,83 @@ class GRPOConfig:
             raise ValueError(f"aggregation must be token_mean/seq_mean/constant, got {self.aggregation!r}")
         if self.init_scale < 0:
             raise ValueError(f"init_scale must be >= 0, got {self.init_scale!r}")
+        if not (0.0 <= self.baseline_decay < 1.0):
+            raise ValueError(f"baseline_decay must lie in [0, 1), got {self.baseline_decay!r}")
+        if self.policy not in ("tabular", "linear"):
+            raise ValueError(f"policy must be 'tabular' or 'linear', got {self.policy!r}")
+        if self.n_features < 1:
+            raise ValueError(f"n_features must be >= 1, got {self.n_features!r}")
+        if self.dtype not in ("float64", "float32"):
+            raise ValueError(f"dtype must be 'float64' or 'float32', got {self.dtype!r}")
         if self.rule is not None and not isinstance(self.rule, Rule):
             object.__setattr__(self, "rule", make_rule(self.rule))
 
 
 @dataclass
 class ToyState:
-    """Everything that changes during training (``R`` runs)."""
+    """Everything that changes during training (``R`` runs).
 
-    logits: np.ndarray  # (R, M, T, V)
+    ``params`` are the logits ``(R, M, T, V)`` (tabular policy) or ``w`` ``(R, d)`` (linear policy);
+    ``features`` is ``Phi (M, T, V, d)`` for the linear policy, else None.
+    """
+
+    params: np.ndarray
     rngs: list[np.random.Generator]
+    features: np.ndarray | None = None
     step: int = 0
     adam_m: np.ndarray | None = None
     adam_v: np.ndarray | None = None
+    adam_t: int = 0
+    baseline: np.ndarray | None = None  # REINFORCE: (R, M) running mean reward
     rule_state: Any = None
     stage: str | None = None
     extras: dict = field(default_factory=dict)
 
+    @property
+    def logits(self) -> np.ndarray:
+        """The policy's logits ``(R, M, T, V)``."""
+        if self.features is None:
+            return self.params
+        return np.einsum("mtvd,rd->rmtv", self.features, self.params, optimize=True)
+
+    @property
+    def runs(self) -> int:
+        return self.params.shape[0]
+
+
+def policy_features(bandit: Bandit, n_features: int, seed: int) -> np.ndarray:
+    """Fixed random features ``Phi (M, T, V, d)`` of the linear policy, entries ``N(0, 1/d)``."""
+    M, T, V = bandit.shape
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((M, T, V, n_features)) / np.sqrt(n_features)
+
 
 def init_state(bandit: Bandit, cfg: GRPOConfig, *, runs: int = 1, seed: int = 0) -> ToyState:
     """``runs`` independent runs, run ``r`` seeded by ``SeedSequence(seed).spawn(runs)[r]``."""
-    if runs < 1:
-        raise ValueError(f"runs must be >= 1, got {runs!r}")
+    if not isinstance(runs, int | np.integer) or runs < 1:
+        raise ValueError(f"runs must be an integer >= 1, got {runs!r}")
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(runs)]
     M, T, V = bandit.shape
-    logits = np.stack([cfg.init_scale * g.standard_normal((M, T, V)) for g in rngs])  # (R, M, T, V)
-    state = ToyState(logits=logits, rngs=rngs)
+    features = None
+    if cfg.policy == "tabular":
+        shape = (M, T, V)
+    else:
+        features = policy_features(bandit, cfg.n_features, cfg.feature_seed).astype(cfg.dtype)
+        shape = (cfg.n_features,)
+    if cfg.init_scale > 0:
+        params = np.stack([cfg.init_scale * g.standard_normal(shape) for g in rngs]).astype(cfg.dtype)
+    else:
+        params = np.zeros((runs,) + shape, dtype=cfg.dtype)
+    state = ToyState(params=params, rngs=rngs, features=features)
     if cfg.optimizer == "adam":
-        state.adam_m, state.adam_v = np.zeros_like(logits), np.zeros_like(logits)
+        state.adam_m, state.adam_v = np.zeros_like(params), np.zeros_like(params)
+    if cfg.algorithm == "reinforce":
+        state.baseline = np.zeros((runs, M))
     return state
+
+
+# --------------------------------------------------------------------------------------------------
+# array helpers (flat indices into (R, M, T, V) arrays)
 
 
 def _flat_index(tokens: np.ndarray, V: int) -> np.ndarray:
@@ -118,159 +201,234 @@ def _flat_index(tokens: np.ndarray, V: int) -> np.ndarray:
     return ((r * M + m) * T + t) * V + tokens
 
 
-def _gather(x: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """``x (R, M, T, V)`` at ``tokens (R, M, G, T)`` -> ``(R, M, G, T)``."""
-    return x.reshape(-1)[_flat_index(tokens, x.shape[-1])]
+def _gather(x: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """``x (R, M, T, V)`` at flat token indices ``(R, M, G, T)`` -> ``(R, M, G, T)``."""
+    return x.reshape(-1)[flat]
 
 
 def _logit_gradient(coef: np.ndarray, tokens: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Sum over tokens of ``coef * (e_k - p)`` at each state: ``(R, M, G, T)`` -> ``(R, M, T, V)``."""
-    R, M, G, T = tokens.shape
+    """Sum over tokens of ``coef * (e_k - p)`` at each state: ``(R, M, G, T)`` -> ``(R, M, T, V)``.
+
+    ``d log p_k / dz = e_k - p`` (E5), so this is the logit gradient of ``sum coef * log p_k``.
+    """
     V = p.shape[-1]
-    flat = _flat_index(tokens, V)  # (R, M, G, T)
-    onehot_sum = np.bincount(flat.ravel(), weights=coef.ravel(), minlength=R * M * T * V)
-    onehot_sum = onehot_sum.reshape(R, M, T, V)
-    return onehot_sum - coef.sum(axis=2)[..., None] * p
+    grad = -coef.sum(axis=2)[..., None] * p  # (R, M, T, V)
+    np.add.at(grad.reshape(-1), _flat_index(tokens, V).ravel(), coef.ravel())
+    return grad
 
 
-def step(bandit: Bandit, cfg: GRPOConfig, state: ToyState, *, table: np.ndarray | None = None) -> dict:
-    """One GRPO step for every run (updates ``state`` in place); returns per-run diagnostics ``(R,)``."""
+# --------------------------------------------------------------------------------------------------
+
+
+def _draw(state: ToyState, M: int, T: int, G: int, need_noise: bool):
+    """Every uniform a step needs, one call per run: tokens ``(R, M, T, G)``, rewards ``(R, M, G)``,
+    rule noise ``(R, M*G, T)`` (or None)."""
+    n_tok, n_rew = M * T * G, M * G
+    n = n_tok + n_rew + (M * G * T if need_noise else 0)
+    u = np.stack([g.random(n) for g in state.rngs])  # (R, n)
+    R = u.shape[0]
+    u_tok = u[:, :n_tok].reshape(R, M, T, G)
+    u_rew = u[:, n_tok : n_tok + n_rew].reshape(R, M, G)
+    noise = u[:, n_tok + n_rew :].reshape(R, M * G, T) if need_noise else None
+    return u_tok, u_rew, noise
+
+
+def _advantages(bandit: Bandit, cfg: GRPOConfig, state: ToyState, rewards: np.ndarray) -> np.ndarray:
+    """Sequence advantages ``(R, M, G)``."""
+    if cfg.algorithm == "grpo":
+        return theory.grpo_advantages(rewards, scale=cfg.adv_scale, eps=cfg.adv_eps)
+    adv = rewards - state.baseline[..., None]
+    d = cfg.baseline_decay
+    state.baseline = d * state.baseline + (1 - d) * rewards.mean(axis=-1)
+    return adv
+
+
+def step(
+    bandit: Bandit,
+    cfg: GRPOConfig,
+    state: ToyState,
+    *,
+    table: np.ndarray | None = None,
+    diagnostics: bool = True,
+) -> dict:
+    """One GRPO/REINFORCE step for every run (updates ``state`` in place).
+
+    Returns per-run diagnostics: arrays of shape ``(R,)`` (``entropy_by_pos`` is ``(R, T)``). The cheap
+    keys (:data:`CHEAP_KEYS`, ``pass_at_G``, ``entropy_by_pos``, ``keep_frac``, ``ratio_clip_frac``)
+    are always present; ``diagnostics=True`` adds the theory-vs-exact keys documented in the README
+    ("Toy diagnostics") and the rule's metrics (``rule/<name>``).
+    """
     table = bandit.correct_table() if table is None else table
-    z0 = state.logits  # (R, M, T, V)
-    R, M, T, V = z0.shape
+    M, T, V = bandit.shape
     G = cfg.group_size
-    logp0 = theory.log_softmax(z0)
-    p0 = np.exp(logp0)
+    z0 = state.logits  # (R, M, T, V)
+    if z0.shape[1:] != (M, T, V):
+        raise ValueError(f"state logits have shape {z0.shape}, the bandit needs (R, {M}, {T}, {V})")
+    R = z0.shape[0]
+    rule = cfg.rule
+    need_stats = diagnostics or rule is not None
 
     # --- rollout: per-run streams, so a run does not depend on the others ----------------------------
-    u_tok = np.stack([g.random((M, T, G)) for g in state.rngs])  # (R, M, T, G)
-    u_rew = np.stack([g.random((M, G)) for g in state.rngs])  # (R, M, G)
-    noise = np.stack([g.random((M * G, T)) for g in state.rngs])  # (R, M*G, T) for random rules
-    tokens = np.moveaxis(sample_tokens(p0, u_tok), -1, 2)  # (R, M, G, T)
-    correct = bandit.score(tokens, table)  # (R, M, G)
+    # noise is drawn even without a rule: every configuration sees the same samples (common random
+    # numbers), so a rule that changes nothing reproduces plain GRPO exactly
+    u_tok, u_rew, noise = _draw(state, M, T, G, need_noise=True)
+    s0, e0, logZ0 = shifted_exp(np, z0)  # z - max z, exp of it (unnormalised p), log sum (R, M, T, 1)
+    Z0 = np.exp(logZ0[..., 0])  # (R, M, T)
+    tokens = np.moveaxis(sample_tokens(e0, u_tok), -1, 2)  # (R, M, G, T)
+    flat = _flat_index(tokens, V)
+    hit = table[np.arange(M)[:, None, None], np.arange(T)[None, None, :], tokens]  # (R, M, G, T)
+    need = T if bandit.need is None else bandit.need
+    correct = hit.sum(axis=-1) >= need  # (R, M, G)
     if bandit.reward == "bernoulli":
-        p_succ = np.where(correct, bandit.p_correct, 1.0 - bandit.p_correct)
-        rewards = (u_rew < p_succ).astype(np.float64)
+        rewards = (u_rew < np.where(correct, bandit.p_correct, 1.0 - bandit.p_correct)).astype(np.float64)
+    elif bandit.reward == "pm1":
+        rewards = np.where(correct, 1.0, -1.0)
     else:
-        rewards = bandit.rewards(correct, state.rngs[0])  # deterministic: no randomness used
-    adv_seq = theory.grpo_advantages(rewards, scale=cfg.adv_scale, eps=cfg.adv_eps)  # (R, M, G)
+        rewards = correct.astype(np.float64)
+    adv_seq = _advantages(bandit, cfg, state, rewards)  # (R, M, G)
 
     # --- token statistics under the behaviour policy (theory functions) ------------------------------
-    H0 = theory.entropy_from_logp(logp0)  # (R, M, T)
-    base0 = theory.vocab_baseline(z0)  # (R, M, T)
-    logp_old = _gather(logp0, tokens)  # (R, M, G, T)
-    H_tok = np.broadcast_to(H0[:, :, None], tokens.shape)
-    base_tok = np.broadcast_to(base0[:, :, None], tokens.shape)
+    # H = log Z - sum_i e_i s_i / Z: the computation of theory.entropy, reusing the sampling pass
+    H0 = logZ0[..., 0] - (e0 * s0).sum(axis=-1) / Z0  # (R, M, T)
+    logp_old = _gather(s0, flat) - logZ0.reshape(-1)[flat // V]  # (R, M, G, T) log p_k
+    del s0
     adv_tok = np.broadcast_to(adv_seq[..., None], tokens.shape)
-    s_star = theory.s_star(logp_old, H_tok)  # (R, M, G, T)
-    dev = s_star - base_tok  # S* - E_p[S]
+    H_tok = np.broadcast_to(H0[:, :, None], tokens.shape)
+    if need_stats:  # in float64 whenever the theory is checked
+        f = np.float64 if diagnostics else z0.dtype
+        base0 = theory.vocab_baseline(z0.astype(f, copy=False))  # (R, M, T)  E_p[S] (E7)
+        base_tok = np.broadcast_to(base0[:, :, None], tokens.shape)
+        s_star = theory.s_star(logp_old.astype(f, copy=False), H_tok.astype(f, copy=False))  # (R, M, G, T)
+        dev = s_star - base_tok  # S* - E_p[S]
 
-    flat = lambda x: np.ascontiguousarray(x).reshape(R, M * G, T)  # noqa: E731
-    group = np.broadcast_to(np.repeat(np.arange(M), G)[None], (R, M * G))
-    valid = np.ones((R, M * G, T), dtype=bool)
     out = None
-    if cfg.rule is not None:
+    if rule is not None:
+        fl = lambda x: np.ascontiguousarray(x).reshape(R, M * G, T)  # noqa: E731
         batch = TokenBatch(
-            logp=flat(logp_old),
-            adv=flat(adv_tok),
-            valid=valid,
-            entropy=flat(H_tok),
-            baseline=flat(base_tok),
-            group=group,
+            logp=fl(logp_old),
+            adv=fl(adv_tok),
+            valid=np.ones((R, M * G, T), dtype=bool),
+            entropy=fl(H_tok),
+            baseline=fl(base_tok),
+            group=np.broadcast_to(np.repeat(np.arange(M), G)[None], (R, M * G)),
             step=state.step,
             stage=state.stage,
         )
-        out = cfg.rule(batch, noise=noise, state=state.rule_state)
+        out = rule(batch, noise=noise, state=state.rule_state)
         state.rule_state = out.state
     unflat = lambda x: x.reshape(R, M, G, T)  # noqa: E731
-    keep = unflat(out.keep) if out is not None else np.ones(tokens.shape, dtype=bool)
+    keep = unflat(out.keep) if out is not None else None
     adv = unflat(out.adv) if out is not None else adv_tok
-    weight = unflat(out.weight) if out is not None and out.weight is not None else 1.0
+    weight = unflat(out.weight) if out is not None and out.weight is not None else None
     kl_coef = unflat(out.kl_coef) if out is not None and out.kl_coef is not None else None
     ent_coef = unflat(out.entropy_coef) if out is not None and out.entropy_coef is not None else None
 
     # --- loss normaliser per token (aggregation) -----------------------------------------------------
-    keep_f = keep.astype(np.float64)
+    keep_f = np.ones(tokens.shape) if keep is None else keep.astype(np.float64)
     if cfg.aggregation == "token_mean":
-        norm = np.maximum(keep_f.sum(axis=(1, 2, 3), keepdims=True), 1.0)  # (R, 1, 1, 1)
-        scale = keep_f / norm
+        scale = keep_f / np.maximum(keep_f.sum(axis=(1, 2, 3), keepdims=True), 1.0)
     elif cfg.aggregation == "seq_mean":
-        seq_len = np.maximum(keep_f.sum(axis=-1, keepdims=True), 1.0)  # (R, M, G, 1)
-        scale = keep_f / (seq_len * (M * G))
+        scale = keep_f / (np.maximum(keep_f.sum(axis=-1, keepdims=True), 1.0) * (M * G))
     else:
         scale = keep_f / (M * G * T)
 
-    # --- PPO epochs: logit-space ascent on the clipped surrogate -------------------------------------
-    z = z0.copy()
+    # --- PPO epochs: gradient ascent on the clipped surrogate; THE place rule output is applied -----
+    params0 = state.params.copy() if diagnostics else None
+    if diagnostics:
+        z0 = (params0 if state.features is None else z0).astype(np.float64)  # the update is in place
     ratio_clipped = np.zeros(tokens.shape, dtype=bool)
     first_coef = None
+    z, e, Z = z0, e0, Z0
     for epoch in range(cfg.epochs):
-        logp = theory.log_softmax(z)
-        p = np.exp(logp)
-        ratio = np.exp(_gather(logp, tokens) - logp_old)
+        if epoch > 0:
+            z = state.logits
+            s, e, logZ = shifted_exp(np, z)
+            Z = np.exp(logZ[..., 0])
+            logp = _gather(s, flat) - logZ.reshape(-1)[flat // V]
+            del s
+        else:
+            logp = logp_old
+        ratio = np.exp(logp - logp_old)
         clipped = ((adv > 0) & (ratio > 1 + cfg.clip_high)) | ((adv < 0) & (ratio < 1 - cfg.clip_low))
         ratio_clipped |= clipped
-        coef = np.where(clipped, 0.0, weight * adv * ratio) * scale  # d objective / d log p_k
+        w_adv = adv if weight is None else weight * adv
+        coef = np.where(clipped, 0.0, w_adv * ratio) * scale  # d objective / d log p_k
         if kl_coef is not None:  # loss += kl |logp - logp_old|  ->  objective gradient -kl sign(.)
-            coef = coef - kl_coef * np.sign(_gather(logp, tokens) - logp_old) * scale
-        grad = _logit_gradient(coef, tokens, p)  # (R, M, T, V)
-        if ent_coef is not None:  # objective += c H  ->  gradient -c S at the token's state
-            c_state = (ent_coef * scale).sum(axis=2)  # (R, M, T)
-            grad = grad - c_state[..., None] * theory.discriminator(z)
+            coef = coef - kl_coef * np.sign(logp - logp_old) * scale
         if epoch == 0:
             first_coef = coef
-        z = z + _optimizer_update(cfg, state, grad)
+        # logit gradient sum_k coef_k (e_k - p) (E5), with p = e / Z
+        grad_z = -(coef.sum(axis=2) / Z)[..., None] * e
+        np.add.at(grad_z.reshape(-1), flat.ravel(), coef.ravel())
+        if ent_coef is not None:  # objective += c H  ->  logit gradient -c S (E2) at the token's state
+            c_state = (ent_coef * scale).sum(axis=2)  # (R, M, T)
+            grad_z -= c_state[..., None] * theory.discriminator(z)
+        if state.features is None:
+            grad = grad_z
+        else:  # chain rule through z = Phi @ w
+            grad = np.einsum("mtvd,rmtv->rd", state.features, grad_z, optimize=True)
+        state.params += _optimizer_update(cfg, state, grad)  # in place: ``grad`` is ours to reuse
 
-    # --- diagnostics: realised vs predicted entropy change of every state ----------------------------
-    dz = z - z0
-    dH_exact = theory.exact_entropy_change(z0, dz)  # (R, M, T)
-    dH_first = theory.entropy_change_first_order(z0, dz)
-    dH_second = theory.entropy_change_second_order(z0, dz)
-    # each token's own (E6) term for the first epoch's SGD step (exact attribution for SGD, mu = 1)
-    contrib = -cfg.lr * first_coef * dev  # (R, M, G, T)
-    quad = theory.quadrant(adv, dev)  # (R, M, G, T)
-    total = contrib.sum(axis=(1, 2, 3)) / (M * T)  # per state, like dH_first
+    # --- diagnostics ---------------------------------------------------------------------------------
+    n_corr = correct.sum(axis=-1)
+    pos, neg = adv_tok > 0, adv_tok < 0
     diag: dict[str, np.ndarray] = {
         "reward": rewards.mean(axis=(1, 2)),
         "accuracy": correct.mean(axis=(1, 2)),
-        "pass_at_1": theory.pass_at_k(G, correct.sum(axis=-1), 1).mean(axis=-1),
-        f"pass_at_{G}": theory.pass_at_k(G, correct.sum(axis=-1), G).mean(axis=-1),
+        "pass_at_1": theory.pass_at_k(G, n_corr, 1).mean(axis=-1),
+        f"pass_at_{G}": theory.pass_at_k(G, n_corr, G).mean(axis=-1),
         "entropy": H0.mean(axis=(1, 2)),
-        "entropy_pos": _masked_mean(H_tok, adv_tok > 0),
-        "entropy_neg": _masked_mean(H_tok, adv_tok < 0),
-        "dH_exact": dH_exact.mean(axis=(1, 2)),
-        "dH_first": dH_first.mean(axis=(1, 2)),
-        "dH_second": dH_second.mean(axis=(1, 2)),
-        "s_star_mean": s_star.mean(axis=(1, 2, 3)),
-        "dev_mean": dev.mean(axis=(1, 2, 3)),
+        "entropy_pos": _masked_mean(H_tok, pos),
+        "entropy_neg": _masked_mean(H_tok, neg),
+        "entropy_by_pos": H0.mean(axis=1),  # (R, T)
         "keep_frac": keep_f.mean(axis=(1, 2, 3)),
         "ratio_clip_frac": ratio_clipped.mean(axis=(1, 2, 3)),
-        "dH_tokens_first": total,  # == dH_first for SGD, epochs=1, no entropy bonus (E4 = sum of E6)
     }
-    for code, name in enumerate(theory.QUADRANTS):
-        sel = quad == code
-        diag[f"quad_{name}_frac"] = sel.mean(axis=(1, 2, 3))
-        diag[f"quad_{name}_dH"] = np.where(sel, contrib, 0.0).sum(axis=(1, 2, 3)) / (M * T)
-    if out is not None:
+    if diagnostics:
+        dz = state.logits.astype(np.float64) - z0  # the realised update, exactly
+        dH_exact = theory.exact_entropy_change(z0, dz)  # (R, M, T)
+        # each token's own (E6) term -alpha (S* - E_p[S]) with alpha = lr * coef of the first epoch:
+        # the tabular first-order prediction (exactly E4 for a tabular SGD step with mu = 1)
+        contrib = -cfg.lr * first_coef * dev  # (R, M, G, T)
+        quad = theory.quadrant(adv, dev)
+        MT = M * T
+        diag.update({
+            "dH_exact": dH_exact.mean(axis=(1, 2)),
+            "dH_first": theory.entropy_change_first_order(z0, dz).mean(axis=(1, 2)),
+            "dH_second": theory.entropy_change_second_order(z0, dz).mean(axis=(1, 2)),
+            "dH_tokens_first": contrib.sum(axis=(1, 2, 3)) / MT,
+            "s_star_mean": s_star.mean(axis=(1, 2, 3)),
+            "dev_mean": dev.mean(axis=(1, 2, 3)),
+            "param_step_norm": np.sqrt(((state.params - params0) ** 2).reshape(R, -1).sum(axis=1)),
+        })
+        for code, name in enumerate(theory.QUADRANTS):
+            sel = quad == code
+            diag[f"quad_{name}_frac"] = sel.mean(axis=(1, 2, 3))
+            diag[f"quad_{name}_dH"] = np.where(sel, contrib, 0.0).sum(axis=(1, 2, 3)) / MT
+        diag["dH_neg_first"] = np.where(neg, contrib, 0.0).sum(axis=(1, 2, 3)) / MT
+        diag["dH_pos_first"] = np.where(pos, contrib, 0.0).sum(axis=(1, 2, 3)) / MT
+    if out is not None and diagnostics:
         for k, v in out.metrics.items():
             diag[f"rule/{k}"] = np.broadcast_to(np.asarray(v, dtype=np.float64), (R,)).copy()
-    state.logits = z
     state.step += 1
     return diag
 
 
 def _masked_mean(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    n = mask.sum(axis=(1, 2, 3))
-    return np.where(mask, x, 0.0).sum(axis=(1, 2, 3)) / np.maximum(n, 1)
+    """Per-run mean of ``x (R, ...)`` over ``mask``; 0 where a run has no masked entry."""
+    axes = tuple(range(1, x.ndim))
+    n = mask.sum(axis=axes)
+    return np.where(mask, x, 0.0).sum(axis=axes) / np.maximum(n, 1)
 
 
 def _optimizer_update(cfg: GRPOConfig, state: ToyState, grad: np.ndarray) -> np.ndarray:
-    """The logit change for ascent direction ``grad`` (SGD or Adam, bias-corrected)."""
+    """The parameter change for ascent direction ``grad`` (SGD or Adam, bias-corrected)."""
     if cfg.optimizer == "sgd":
-        return cfg.lr * grad
+        grad *= cfg.lr
+        return grad
     b1, b2, eps = 0.9, 0.999, 1e-8
-    state.extras["adam_t"] = state.extras.get("adam_t", 0) + 1
-    t = state.extras["adam_t"]
+    state.adam_t += 1
+    t = state.adam_t
     state.adam_m = b1 * state.adam_m + (1 - b1) * grad
     state.adam_v = b2 * state.adam_v + (1 - b2) * grad * grad
     m_hat = state.adam_m / (1 - b1**t)
