@@ -68,6 +68,7 @@ from theory.rules import (  # noqa: E402
     PositionBonus,
     PPLShaping,
     ProbWeighted,
+    QuadrantMask,
     TokenBatch,
 )
 from theory.rules._stats import masked_mean  # noqa: E402
@@ -87,6 +88,7 @@ CASES = [
     ("ppl_shaping", PPLShaping(), False),
     ("position_bonus gate=always", PositionBonus(gate="always"), False),
     ("prob_weighted", ProbWeighted(), False),
+    ("quadrant_mask", QuadrantMask(), False),
     ("Compose(clip_b, position_bonus)", Compose((ClipB(), PositionBonus(gate="always"))), False),
 ]
 MODES = ("numpy", "torch", "compile")
