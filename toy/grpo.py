@@ -358,7 +358,7 @@ def step(
         if epoch == 0:
             first_coef = coef
         # logit gradient sum_k coef_k (e_k - p) (E5), with p = e / Z
-        grad_z = -(coef.sum(axis=2) / Z)[..., None] * e
+        grad_z = -(coef.sum(axis=2) / Z).astype(e.dtype)[..., None] * e  # in the policy's dtype
         np.add.at(grad_z.reshape(-1), flat.ravel(), coef.ravel())
         if ent_coef is not None:  # objective += c H  ->  logit gradient -c S (E2) at the token's state
             c_state = (ent_coef * scale).sum(axis=2)  # (R, M, T)
