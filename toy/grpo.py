@@ -40,7 +40,6 @@ from typing import Any, Literal
 import numpy as np
 
 import theory
-from theory._xp import shifted_exp
 from theory.rules import Rule, TokenBatch, make_rule
 
 from .bandit import Bandit, sample_tokens
@@ -217,6 +216,31 @@ def _logit_gradient(coef: np.ndarray, tokens: np.ndarray, p: np.ndarray) -> np.n
     return grad
 
 
+def _workspace(state: ToyState, z: np.ndarray) -> dict[str, np.ndarray]:
+    """Three ``(R, M, T, V)`` scratch arrays kept in the state: a step allocates no large array.
+
+    Fresh multi-MB arrays cost page faults on every step (about as much as the arithmetic here).
+    """
+    work = state.extras.get("work")
+    if work is None or work["s"].shape != z.shape or work["s"].dtype != z.dtype:
+        work = {k: np.empty_like(z) for k in ("s", "e", "g")}
+        state.extras["work"] = work
+    return work
+
+
+def _softmax_parts(z: np.ndarray, work: dict[str, np.ndarray]):
+    """``s = z - max z``, ``e = exp(s)`` (into ``work``), ``Z = sum e`` and ``log Z`` (``(R, M, T)``).
+
+    The shared first half of every softmax computation (as ``theory._xp.shifted_exp``): ``p = e / Z``,
+    ``log p = s - log Z``, ``H = log Z - sum(e s) / Z``. Toy logits are always finite.
+    """
+    s, e = work["s"], work["e"]
+    np.subtract(z, z.max(axis=-1, keepdims=True), out=s)
+    np.exp(s, out=e)
+    Z = e.sum(axis=-1)
+    return s, e, Z, np.log(Z)
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -272,8 +296,8 @@ def step(
     # noise is drawn even without a rule: every configuration sees the same samples (common random
     # numbers), so a rule that changes nothing reproduces plain GRPO exactly
     u_tok, u_rew, noise = _draw(state, M, T, G, need_noise=True)
-    s0, e0, logZ0 = shifted_exp(np, z0)  # z - max z, exp of it (unnormalised p), log sum (R, M, T, 1)
-    Z0 = np.exp(logZ0[..., 0])  # (R, M, T)
+    work = _workspace(state, z0)
+    s0, e0, Z0, logZ0 = _softmax_parts(z0, work)  # z - max z, exp of it (unnormalised p), sum, log sum
     tokens = np.moveaxis(sample_tokens(e0, u_tok), -1, 2)  # (R, M, G, T)
     flat = _flat_index(tokens, V)
     hit = table[np.arange(M)[:, None, None], np.arange(T)[None, None, :], tokens]  # (R, M, G, T)
@@ -289,9 +313,8 @@ def step(
 
     # --- token statistics under the behaviour policy (theory functions) ------------------------------
     # H = log Z - sum_i e_i s_i / Z: the computation of theory.entropy, reusing the sampling pass
-    H0 = logZ0[..., 0] - (e0 * s0).sum(axis=-1) / Z0  # (R, M, T)
-    logp_old = _gather(s0, flat) - logZ0.reshape(-1)[flat // V]  # (R, M, G, T) log p_k
-    del s0
+    H0 = logZ0 - np.multiply(e0, s0, out=work["g"]).sum(axis=-1) / Z0  # (R, M, T)
+    logp_old = (_gather(s0, flat) - logZ0.reshape(-1)[flat // V]).astype(np.float64)  # (R, M, G, T)
     adv_tok = np.broadcast_to(adv_seq[..., None], tokens.shape)
     H_tok = np.broadcast_to(H0[:, :, None], tokens.shape)
     if need_stats:  # in float64 whenever the theory is checked
@@ -342,10 +365,8 @@ def step(
     for epoch in range(cfg.epochs):
         if epoch > 0:
             z = state.logits
-            s, e, logZ = shifted_exp(np, z)
-            Z = np.exp(logZ[..., 0])
+            s, e, Z, logZ = _softmax_parts(z, work)
             logp = _gather(s, flat) - logZ.reshape(-1)[flat // V]
-            del s
         else:
             logp = logp_old
         ratio = np.exp(logp - logp_old)
@@ -358,7 +379,8 @@ def step(
         if epoch == 0:
             first_coef = coef
         # logit gradient sum_k coef_k (e_k - p) (E5), with p = e / Z
-        grad_z = -(coef.sum(axis=2) / Z).astype(e.dtype)[..., None] * e  # in the policy's dtype
+        factor = (-coef.sum(axis=2) / Z).astype(e.dtype)[..., None]  # (R, M, T, 1), policy's dtype
+        grad_z = np.multiply(e, factor, out=work["g"])  # reuses the workspace: no page faults
         np.add.at(grad_z.reshape(-1), flat.ravel(), coef.ravel())
         if ent_coef is not None:  # objective += c H  ->  logit gradient -c S (E2) at the token's state
             c_state = (ent_coef * scale).sum(axis=2)  # (R, M, T)
