@@ -5,6 +5,7 @@ Usage::
     entdyn demo [--out runs/demo] [--seed 0] [--n 4000] [--quick]
     entdyn rules [NAME ...] [--json]
     entdyn toy NAME [NAME ...] [--out DIR] [--quick] [--seed S] [--runs R] [--steps N]
+    entdyn train [--model tiny] [--task SPEC] [--rule SPEC] [--steps N] [--out DIR] [--resume DIR] ...
     python -m scale.cli demo ...
 
 Subcommands:
@@ -27,8 +28,14 @@ Subcommands:
     ``collapse``, ``rules``, ``stages``, ``shaping``, ``coupling``; ``all`` runs every one and ``list``
     lists them. Each writes ``summary.json``, ``curves.json``, PNG figures and ``table.md``.
 
-The CLI will grow with later work: ``train`` (the torch GRPO trainer) and ``plot`` (figures from run
-directories).
+``train``
+    GRPO fine-tuning of a causal LM (``tiny``, ``smollm2-135m`` or a local Hugging Face directory) on a
+    verifiable task with a :mod:`theory.rules` rule, logging the entropy dynamics: measured vs predicted
+    entropy change per update, quadrant shares, samples with per-token entropy and ``S*``; checkpoints
+    and exact ``--resume``. ``entdyn train --help`` lists every flag (:mod:`scale.config`); the same
+    as ``python -m scale.train``. Imports torch (only this subcommand does).
+
+The CLI will grow with later work: ``plot`` (figures from run directories).
 
 Each subcommand imports its implementation lazily inside its handler, so ``import scale.cli`` stays
 light and never imports torch; only subcommands that need torch (``train``) will import it.
@@ -63,6 +70,12 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"entdyn toy: {err}", file=sys.stderr)
         return 2
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from scale.train import main as train_main  # lazy: imports torch and transformers
+
+    return train_main(args.train_args)
 
 
 def _format_default(value) -> str:
@@ -186,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--steps", type=_positive_int, default=None, help="training steps (override)")
     toy.add_argument("--no-progress", action="store_true", help="no progress bar")
     toy.set_defaults(handler=_cmd_toy)
+
+    # train's flags are built from scale.config (which imports torch), so they are parsed by
+    # scale.train.main; here the subcommand only collects its arguments (see main()).
+    train = sub.add_parser(
+        "train",
+        add_help=False,
+        help="GRPO training with entropy-dynamics diagnostics (entdyn train --help for the flags)",
+        description="GRPO training; run 'entdyn train --help' for the flags.",
+    )
+    train.set_defaults(handler=_cmd_train)
     return parser
 
 
@@ -199,7 +222,11 @@ def _positive_int(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``entdyn`` console script; returns the process exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.train_args = rest  # parsed by scale.train.main (flags from scale.config)
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if getattr(args, "n", None) is not None and args.n < 1:
         parser.error("--n must be a positive integer")
     if args.command == "toy" and args.out is None:

@@ -1,0 +1,193 @@
+"""Atomic training checkpoints: ``RUN_DIR/checkpoints/step_XXXXXX/``.
+
+Each checkpoint directory holds
+
+=======================  =========================================================================
+``model.safetensors``    the policy's parameters and buffers (``safetensors.torch.save_model``: tied
+                         weights are stored once and re-tied on load)
+``state.pt``             ``torch.save`` of the optimizer and lr-scheduler state dicts, torch's CPU
+                         (and CUDA) RNG states and the rule's state (e.g. the adaptive entropy
+                         coefficient); loaded with ``weights_only=True``
+``trainer_state.json``   the step, the data position, the stage detector's state, the NumPy and
+                         Python RNG states, running counters (reward errors)
+=======================  =========================================================================
+
+Writing is atomic: everything goes into a fresh ``checkpoints/.tmp-*`` directory, each file and the
+directory are fsynced, then the directory is renamed to its final name in one ``os.rename`` and the
+parent is fsynced. A crash at any point leaves either no new checkpoint or a complete one; leftover
+temp directories are removed by :func:`clean_temp`. After a successful write only the newest
+``keep`` checkpoints are kept. A directory named ``step_*`` is complete by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CHECKPOINTS",
+    "capture_rng",
+    "checkpoint_dir",
+    "clean_temp",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "restore_rng",
+    "save_checkpoint",
+]
+
+CHECKPOINTS = "checkpoints"  #: sub-directory of the run directory
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[5:]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def clean_temp(run_dir: str | Path) -> None:
+    """Remove temp directories left by an interrupted :func:`save_checkpoint`."""
+    root = Path(run_dir) / CHECKPOINTS
+    if root.is_dir():
+        for p in root.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG states
+
+
+def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(json_part, tensor_part)``: Python and NumPy (legacy global) RNG states; torch CPU/CUDA states."""
+    py = random.getstate()
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 (the global stream)
+    json_part = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+    }
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["torch_cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return json_part, tensors
+
+
+def restore_rng(json_part: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    py = json_part["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, gauss = json_part["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(tensors["torch_cuda"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# save / load
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    tensor_state: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` atomically (see the module docstring); return its directory.
+
+    ``trainer_state`` must be JSON-serialisable; ``tensor_state`` may hold tensors, numbers, strings,
+    lists, tuples, dicts and None (what ``torch.load(weights_only=True)`` reads back).
+    """
+    from safetensors.torch import save_model
+
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(run_dir, step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            **(tensor_state or {}),
+        }
+        torch.save(state, tmp / "state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1) + "\n")
+        for name in ("model.safetensors", "state.pt", "trainer_state.json"):
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+        if final.exists():  # the same step written again (a resumed run): replace it
+            old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{final.name}-", dir=root))
+            os.replace(final, old / final.name)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load a checkpoint into ``model`` (and ``optimizer``, ``scheduler``); return
+    ``(trainer_state, tensor_state)`` (the JSON state and the rest of ``state.pt``)."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    device = next(model.parameters()).device
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(state.pop("optimizer"))
+    else:
+        state.pop("optimizer")
+    if scheduler is not None:
+        scheduler.load_state_dict(state.pop("scheduler"))
+    else:
+        state.pop("scheduler")
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    return trainer_state, state
