@@ -232,13 +232,13 @@ for name in hist:
 
 # %% [markdown]
 # What to read from it (the full-size table in `docs/toy.md` has the confidence intervals at 32 seeds ×
-# 200 steps): Clip_B keeps the most entropy and pays some reward; Clip_V keeps less and costs little;
-# Clip-Cov and KL-Cov change little at 2% of tokens; the entropy bonus keeps entropy without slowing
-# learning; the 80/20 mask hurts here, because in a tabular bandit a token's entropy is its state's entropy,
-# so masking all but the top-20% stops learning in every state that has begun to converge (in an LLM the
-# forking tokens are spread over all responses). Clip-higher changes little because few ratios reach the
-# clip range at this step size. None of them improves pass@8 here: this bandit has no exploration problem
-# that more entropy would solve.
+# 200 steps): of the rules that keep learning, Clip_B keeps the most entropy and pays some reward; Clip_V
+# keeps less and costs little; Clip-Cov and KL-Cov change little at 2% of tokens; the entropy bonus keeps
+# entropy without slowing learning. The 80/20 mask keeps even more entropy but hurts learning here: in a
+# tabular bandit a token's entropy is its state's entropy, so masking all but the top-20% stops learning
+# in every state that has begun to converge (in an LLM the forking tokens are spread over all responses).
+# Clip-higher changes little because few ratios reach the clip range at this step size. None of them
+# improves pass@8 here: this bandit has no exploration problem that more entropy would solve.
 #
 # **Check yourself.** Clip_B, Clip_V and the entropy bonus end with more entropy than plain GRPO.
 

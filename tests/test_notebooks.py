@@ -29,7 +29,8 @@ NB_DIR = ROOT / "notebooks"
 SOURCES = sorted(NB_DIR.glob("[0-9][0-9]_*.py"))
 LIBRARY_MODULES = ("theory", "theory.rules", "toy", "toy.bandit", "toy.grpo", "toy.run", "toy.experiments",
                    "toy.demo", "toy.progress")
-SMALL_BUDGET_S = 240  # one notebook in small mode; all five take well under a minute on 2 cores
+EXPECTED = 5  # notebooks 1-5; notebook 6 ("from toy to LLM") comes with the trainer
+SMALL_BUDGET_S = 240  # per notebook in small mode (timeout per cell and total)
 
 
 def _require(name: str):
@@ -47,7 +48,7 @@ def _sync_module():
 
 
 def test_every_tutorial_has_a_source_and_a_notebook():
-    assert [int(p.name[:2]) for p in SOURCES] == list(range(1, len(SOURCES) + 1)), [p.name for p in SOURCES]
+    assert [int(p.name[:2]) for p in SOURCES] == list(range(1, EXPECTED + 1)), [p.name for p in SOURCES]
     for py in SOURCES:
         assert py.with_suffix(".ipynb").exists(), f"{py.name} has no .ipynb: run python notebooks/sync.py"
     readme = (NB_DIR / "README.md").read_text(encoding="utf-8")
@@ -61,7 +62,12 @@ def test_ipynb_is_in_sync_with_its_source(py):
     assert sync.in_sync(py), f"{py.with_suffix('.ipynb').name} differs from {py.name}: run notebooks/sync.py"
 
 
-@pytest.mark.parametrize("py", SOURCES, ids=lambda p: p.stem)
+# notebooks taking more than ~20 s in small mode on 2 cores (all five together: about 1-1.5 minutes)
+SLOW = {"05_stages_and_shaping"}
+
+
+@pytest.mark.parametrize("py", [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW else p
+                                for p in SOURCES], ids=lambda p: p.stem)
 def test_notebook_executes_in_small_mode(py, monkeypatch):
     nbclient = _require("nbclient")
     sync = _sync_module()
