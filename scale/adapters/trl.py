@@ -88,6 +88,12 @@ What the subclass changes
 Cost: the statistics pass is one extra no-grad forward of the policy per pass over a generation batch
 (TRL itself adds one only when it needs ``old_per_token_logps``). ``diagnostics=False`` and
 ``rule=None`` skip it entirely (then the subclass is TRL with the project's loss).
+
+Distributed set-ups: tested on CPU with one process and with two (``torchrun``, gloo). The statistics
+pass calls the unwrapped model's backbone and reads the lm_head weight directly; FSDP2 ``DTensor`` heads
+are gathered with ``full_tensor()`` and DeepSpeed ZeRO-3 heads with TRL's ``maybe_gather_lm_head_ctx``,
+both untested (no GPU here). FSDP1 (the ``FullyShardedDataParallel`` wrapper) is not expected to work:
+its root parameters are unsharded only by the root module's forward, which the statistics pass skips.
 """
 
 from __future__ import annotations
@@ -319,9 +325,11 @@ class EntropyRuleGRPOTrainer(GRPOTrainer):
         def glob(x):
             if P == 1 or x is None:
                 return x
+            dtype = x.dtype
+            x = x.to(torch.uint8) if dtype == torch.bool else x
             pad = [0, 0] * (x.ndim - 1) + [0, pad_rows - x.shape[0]]
             y = self._gather_rows(torch.nn.functional.pad(x, pad) if pad_rows > x.shape[0] else x)
-            return torch.cat([y[r * pad_rows : r * pad_rows + sizes[r]] for r in range(P)], dim=0)
+            return torch.cat([y[r * pad_rows : r * pad_rows + sizes[r]] for r in range(P)], dim=0).to(dtype)
 
         valid = glob(valid_l)
         logp, H, S, base = (glob(torch.where(valid_l, cat[k], 0.0)) for k in ("logp", "entropy", "s_star",
@@ -491,11 +499,12 @@ class EntropyRuleGRPOTrainer(GRPOTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         logits_to_keep = completion_ids.size(1)
-        mm = {k: inputs.get(k) for k in _MULTIMODAL if k != "num_images"}
+        # multimodal fields are forwarded only when present (TRL's keyword names; text needs none of them)
+        keys = (*_MULTIMODAL, "num_tiles", "spatial_shapes")
+        mm = {k: inputs[k] for k in keys if inputs.get(k) is not None}
         logp, entropy, aux_loss = self._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled, num_images=inputs.get("num_images"),
-            num_tiles=inputs.get("num_tiles"), spatial_shapes=inputs.get("spatial_shapes"), **mm)
+            compute_aux_loss=self.aux_loss_enabled, **mm)
         mask = self._loss_mask(inputs)
         adv = inputs["advantages"]
         adv = adv[:, None].expand(mask.shape) if adv.ndim == 1 else adv
