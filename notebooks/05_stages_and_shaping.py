@@ -333,7 +333,7 @@ assert all(hh.curves["reward"][-10:].mean() > 0.8 for hh in hs.values())
 # 2. **High-PPL ablation.** `ppl_shaping:direction=high` up-weights *high*-perplexity responses (paper 2
 #    §3.3 reports the entropy "surges"). Train it with α = 0.2 and compare the entropy with `direction=low`.
 # 3. **Early vs late.** Paper 2 finds rewarding *late* tokens best. Make an "early" bonus by passing
-#    `position=1 - r` in the `TokenBatch` of §4 and plot the bonus. *Hint:* `TokenBatch.position` overrides
+#    `position=np.tile(1 - r, (2, 1))` in the `TokenBatch` of §4 and plot the bonus. *Hint:* `TokenBatch.position` overrides
 #    the relative position the rule computes.
 # 4. **A position-dependent task.** Build a sequence bandit where only the last positions decide the
 #    reward (`need` close to `horizon` with fewer correct tokens late is one way), and rerun §5. Does the
