@@ -50,6 +50,7 @@ from theory.rules import TokenBatch, describe_rules, make_rule
 from toy.bandit import Bandit, sample_tokens
 from toy.experiments import RULE_CONFIGS
 from toy.grpo import GRPOConfig
+from toy.plotting import band as plot_band
 from toy.run import mean_ci, train
 
 SMALL = os.environ.get("ENTDYN_NB_SMALL") == "1"  # CI: fewer seeds and steps, same code and checks
@@ -57,13 +58,6 @@ RUNS = 8 if SMALL else 32
 rng = np.random.default_rng(0)
 plt.rcParams.update({"figure.dpi": 90, "axes.grid": True, "grid.alpha": 0.3})
 QUAD_COLORS = dict(zip(T.QUADRANTS, ["C3", "C1", "C0", "C2"], strict=True))
-
-
-def plot_band(ax, x, values, label, color=None):
-    """Plotting glue: the mean over seeds (axis 1) of ``values`` with its 95% CI (toy.run.mean_ci)."""
-    m, h = mean_ci(values, axis=1)
-    line = ax.plot(x, m, label=label, color=color, lw=1.6)[0]
-    ax.fill_between(x, m - h, m + h, color=line.get_color(), alpha=0.18, lw=0)
 
 
 # %% [markdown]

@@ -42,19 +42,13 @@ from theory.rules import StageDetector, TokenBatch, make_rule
 from toy.bandit import Bandit
 from toy.experiments import SHAPING_CONFIGS
 from toy.grpo import GRPOConfig
+from toy.plotting import band as plot_band
 from toy.run import mean_ci, train
 
 SMALL = os.environ.get("ENTDYN_NB_SMALL") == "1"  # CI: fewer seeds and steps, same code and checks
 RUNS = 8 if SMALL else 32
 rng = np.random.default_rng(0)
 plt.rcParams.update({"figure.dpi": 90, "axes.grid": True, "grid.alpha": 0.3})
-
-
-def plot_band(ax, x, values, label, color=None, ls="-"):
-    """Plotting glue: the mean over seeds (axis 1) of ``values`` with its 95% CI (toy.run.mean_ci)."""
-    m, h = mean_ci(values, axis=1)
-    line = ax.plot(x, m, label=label, color=color, ls=ls, lw=1.6)[0]
-    ax.fill_between(x, m - h, m + h, color=line.get_color(), alpha=0.18, lw=0)
 
 
 # %% [markdown]
@@ -333,8 +327,8 @@ assert all(hh.curves["reward"][-10:].mean() > 0.8 for hh in hs.values())
 # 2. **High-PPL ablation.** `ppl_shaping:direction=high` up-weights *high*-perplexity responses (paper 2
 #    §3.3 reports the entropy "surges"). Train it with α = 0.2 and compare the entropy with `direction=low`.
 # 3. **Early vs late.** Paper 2 finds rewarding *late* tokens best. Make an "early" bonus by passing
-#    `position=np.tile(1 - r, (2, 1))` in the `TokenBatch` of §4 and plot the bonus. *Hint:* `TokenBatch.position` overrides
-#    the relative position the rule computes.
+#    `position=np.tile(1 - r, (2, 1))` in the `TokenBatch` of §4 and plot the bonus. *Hint:*
+#    `TokenBatch.position` overrides the relative position the rule computes.
 # 4. **A position-dependent task.** Build a sequence bandit where only the last positions decide the
 #    reward (`need` close to `horizon` with fewer correct tokens late is one way), and rerun §5. Does the
 #    position bonus help now? *Hint:* vary `n_correct`; the reward table is `Bandit.correct_table()`.

@@ -245,3 +245,14 @@ def test_shape_and_index_errors_name_the_argument(be):
 def test_complex_logits_are_rejected():
     with _raises("logits must be a real floating array"):
         T.entropy(np.zeros(3, dtype=np.complex128))
+
+
+def test_s_star_accepts_a_python_scalar_entropy():
+    import torch
+
+    logp = np.log(np.array([0.5, 0.1]))
+    want = T.s_star(logp, np.full(2, 1.5))
+    np.testing.assert_allclose(T.s_star(logp, 1.5), want)
+    got = T.s_star(torch.from_numpy(logp), 1.5)
+    assert isinstance(got, torch.Tensor)
+    np.testing.assert_allclose(got.numpy(), want)

@@ -9,6 +9,8 @@ Every function accepts NumPy or torch arrays (any array-API array) and returns t
 
 from __future__ import annotations
 
+import array_api_compat
+
 from ._xp import (
     Array,
     as_float,
@@ -99,7 +101,12 @@ def s_star(logp: Array, entropy: Array) -> Array:
         >>> np.round(s_star(np.log(np.array([0.5, 0.1])), np.array([1.0, 1.0])), 4)
         array([ 0.1534, -0.1303])
     """
-    xp = namespace(logp, entropy)
+    if isinstance(entropy, int | float):  # a python scalar entropy: one value for every token
+        xp = namespace(logp)
+        logp = as_float(xp, logp, "logp")
+        entropy = xp.asarray(float(entropy), dtype=logp.dtype, device=array_api_compat.device(logp))
+    else:
+        xp = namespace(logp, entropy)
     logp = as_float(xp, logp, "logp")
     entropy = as_float(xp, entropy, "entropy")
     broadcast_shape(("logp", logp), ("entropy", entropy))

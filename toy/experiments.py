@@ -52,6 +52,7 @@ from theory.rules import StageDetector, make_rule
 
 from .bandit import Bandit
 from .grpo import GRPOConfig, init_state, step
+from .plotting import band
 from .run import History, mean_ci, train
 
 __all__ = ["EXPERIMENTS", "ExperimentResult", "run_experiment", "format_table", "main"]
@@ -112,14 +113,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _band(ax, x, values: np.ndarray, label: str, color=None, ls="-"):
-    """Mean over runs (axis 1) with its 95% CI band."""
-    m, h = mean_ci(values, axis=1)
-    line = ax.plot(x, m, label=label, color=color, ls=ls, lw=1.6)[0]
-    ax.fill_between(x, m - h, m + h, color=line.get_color(), alpha=0.18, lw=0)
-    return line
 
 
 def _save(fig, out: Path, name: str) -> str:
@@ -233,7 +226,7 @@ def quadrants(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, s
     for ax, by in zip(axes, ("deviation", "s_star"), strict=True):
         for q, sgn in PREDICTED_SIGN.items():
             h = hist[f"{q}/{by}"]
-            _band(ax, h.steps, h.curves["entropy"], f"keep {q} (theory: {'↑' if sgn > 0 else '↓'})",
+            band(ax, h.steps, h.curves["entropy"], f"keep {q} (theory: {'↑' if sgn > 0 else '↓'})",
                   colors[q])
         crit = "S* − E_p[S]" if by == "deviation" else "S*"
         ax.set(xlabel="step", ylabel="mean entropy (nats)",
@@ -283,10 +276,10 @@ def collapse(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, st
     plt = _plt()
     fig, ax = plt.subplots(1, 3, figsize=(17, 4.8), layout="constrained")
     for k, hh in hist.items():
-        _band(ax[0], hh.steps, hh.curves["entropy"], f"entropy, {k}")
+        band(ax[0], hh.steps, hh.curves["entropy"], f"entropy, {k}")
     a2 = ax[0].twinx()
     for k, hh in hist.items():
-        _band(a2, hh.steps, hh.curves["accuracy"], f"accuracy, {k}", ls=":")
+        band(a2, hh.steps, hh.curves["accuracy"], f"accuracy, {k}", ls=":")
     a2.set_ylabel("accuracy (dotted)")
     ax[0].set(xlabel="step", ylabel="mean entropy (nats, solid)", title="entropy collapse (mean ± 95% CI)")
     ax[0].legend(loc="center right", fontsize=8)
@@ -355,9 +348,9 @@ def rules(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, steps
     fig, ax = plt.subplots(1, 3, figsize=(18, 5), layout="constrained")
     for i, (name, h) in enumerate(hist.items()):
         c = f"C{i}"
-        _band(ax[0], h.steps, h.curves["entropy"], name, c)
-        _band(ax[1], h.steps, h.curves["reward"], name, c)
-        _band(ax[2], h.steps, h.curves[f"pass_at_{G}"], name, c)
+        band(ax[0], h.steps, h.curves["entropy"], name, c)
+        band(ax[1], h.steps, h.curves["reward"], name, c)
+        band(ax[2], h.steps, h.curves[f"pass_at_{G}"], name, c)
     ax[0].set(xlabel="step", ylabel="mean entropy (nats)", title="entropy")
     ax[1].set(xlabel="step", ylabel="mean reward (accuracy)", title="reward")
     ax[2].set(xlabel="step", ylabel=f"pass@{G}", title=f"pass@{G} (unbiased)")
@@ -403,13 +396,13 @@ def stages(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, step
     }
     plt = _plt()
     fig, ax = plt.subplots(1, 3, figsize=(17, 4.8), layout="constrained")
-    _band(ax[0], h.steps, h.curves["entropy"], "entropy")
+    band(ax[0], h.steps, h.curves["entropy"], "entropy")
     a2 = ax[0].twinx()
-    _band(a2, h.steps, h.curves["accuracy"], "accuracy", "C1")
+    band(a2, h.steps, h.curves["accuracy"], "accuracy", "C1")
     a2.set_ylabel("accuracy", color="C1")
     ax[0].set(xlabel="step", ylabel="mean entropy (nats)", title="stages (red line: detected plateau)")
-    _band(ax[1], h.steps, h.curves["entropy_pos"], "positive samples", "C2")
-    _band(ax[1], h.steps, h.curves["entropy_neg"], "negative samples", "C3")
+    band(ax[1], h.steps, h.curves["entropy_pos"], "positive samples", "C2")
+    band(ax[1], h.steps, h.curves["entropy_neg"], "negative samples", "C3")
     ax[1].set(xlabel="step", ylabel="mean token entropy (nats)", title="entropy by polarity")
     ax[1].legend()
     ax[2].plot(h.diag_steps, np.cumsum(dn.mean(axis=1)), "C3", label="negative samples")
@@ -470,8 +463,8 @@ def shaping(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, ste
     fig, ax = plt.subplots(1, 3, figsize=(18, 5), layout="constrained")
     for i, (name, h) in enumerate(hist.items()):
         c = f"C{i}"
-        _band(ax[0], h.steps, h.curves["entropy"], name, c)
-        _band(ax[1], h.steps, h.curves["reward"], name, c)
+        band(ax[0], h.steps, h.curves["entropy"], name, c)
+        band(ax[1], h.steps, h.curves["reward"], name, c)
         ax[2].plot(np.arange(b.horizon), summary["results"][name]["entropy_by_position"], "o-", color=c,
                    label=name)
     ax[0].set(xlabel="step", ylabel="mean entropy (nats)", title="entropy (mean ± 95% CI)")
