@@ -146,7 +146,7 @@ def test_pathological_input_respects_the_time_bound():
     result = grade_detailed(PATHOLOGICAL, "7", timeout_s=bound)
     elapsed = time.monotonic() - t0
     assert result.correct is False and result.method == "timeout"
-    assert elapsed < bound + 0.5, elapsed
+    assert elapsed < bound + 3.0, elapsed  # interrupted (unbounded it runs for minutes); slack for load
     assert grade(r"\boxed{x+1}", "1+x", timeout_s=bound)  # the grader still works afterwards
 
 

