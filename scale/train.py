@@ -16,8 +16,21 @@ One step, top to bottom (the numbered sections of :func:`train`):
    warmup. A non-finite loss or gradient norm stops the run before the update is applied;
 6. **diagnostics** (every ``diag_every`` steps): the measured entropy change of the update on the same
    tokens, its tabular (E6) and network-level (JVP) first-order predictions;
-7. **stage detector**, **eval** (every ``eval_every`` steps), **logging** (:mod:`scale.metrics_log`
-   documents every key), **samples**, **checkpoint** (:mod:`scale.checkpoint`).
+7. **stage detector**, **eval** (every ``eval_every`` steps), **logging**, **samples**, **checkpoint**
+   (:mod:`scale.checkpoint`).
+
+Logged metrics: ``RUN_DIR/metrics.jsonl`` (one JSON object per step), TensorBoard events in
+``RUN_DIR/tb`` and ``RUN_DIR/samples/step_XXXXXX.jsonl``; the "Logged metrics" table of
+:mod:`scale.metrics_log` defines every key and the samples' schema. Configuration and flags:
+:mod:`scale.config` (``entdyn train --help``).
+
+Usage::
+
+    entdyn train --model tiny --steps 2 --out runs/tiny                       # seconds
+    entdyn train --model smollm2 --task 'arithmetic:digits=2,ops=2' --rule clip_v \
+        --prompts 8 --group-size 4 --max-new-tokens 64 --lr 1e-6 --steps 200 --out runs/smol
+    entdyn train --resume runs/smol --steps 300                               # continue, extend
+    python -m scale.train --config run.yaml --seed 1                          # file + overrides
 
 What is simplified, and why:
 
@@ -129,13 +142,14 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 
 def _to_floats(metrics: dict[str, Any]) -> dict[str, float | None]:
-    """Tensor values to python floats with one host transfer; order kept."""
-    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    """Tensor values to python floats with one host transfer per device; order kept."""
     values = dict(metrics)
-    if keys:
-        stacked = (
-            torch.stack([metrics[k].detach().reshape(()).to(torch.float64) for k in keys]).cpu().tolist()
-        )
+    by_device: dict[torch.device, list[str]] = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(k)
+    for keys in by_device.values():  # one transfer per device
+        stacked = torch.stack([metrics[k].detach().reshape(()).double() for k in keys]).cpu().tolist()
         values.update(zip(keys, stacked, strict=True))
     return {k: (None if v is None else float(v)) for k, v in values.items()}
 
@@ -216,13 +230,14 @@ def _prepare_run_dir(cfg: TrainConfig) -> Path:
 
 def _entropy_sum(ro: Rollout, hidden: torch.Tensor, weight, bias, temperature: float, chunk: int):
     """Sum of ``H`` over the response tokens, chunked over tokens; plain torch ops (forward-mode AD)."""
-    h = hidden[ro.mask]  # (n, D)
-    total = h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
+    cdt = torch.promote_types(hidden.dtype, torch.float32)  # logits in float32 at least, as token_stats
+    h, W = hidden[ro.mask].to(cdt), weight.to(cdt)  # (n, D), (V, D)
+    total = h.new_zeros(())
     for s in range(0, h.shape[0], chunk):
-        z = h[s : s + chunk] @ weight.T  # (c, V)
+        z = h[s : s + chunk] @ W.T  # (c, V)
         if bias is not None:
-            z = z + bias
-        z = z.to(total.dtype) / temperature
+            z = z + bias.to(cdt)
+        z = z / temperature
         total = total + theory.entropy_from_logp(theory.log_softmax(z)).sum()
     return total
 

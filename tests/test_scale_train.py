@@ -44,6 +44,15 @@ def text_reward(completion: str, problem) -> float:
     return float(sum(c.isdigit() for c in completion) - 0.5 * sum(c.isalpha() for c in completion)) / 8.0
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Runs here use one torch thread (the tiny model is overhead-bound, and a busy 2-core machine makes
+    two threads wait on each other); the setting is process-wide, so it is put back afterwards."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def make_cfg(tmp_path: Path, name: str = "run", **sections) -> TrainConfig:
     """A small config: 2 prompts x 4 samples x 8 tokens, no eval, no TensorBoard, no progress output."""
     data = {
@@ -52,7 +61,7 @@ def make_cfg(tmp_path: Path, name: str = "run", **sections) -> TrainConfig:
         "optim": {"lr": 1e-3},
         "diag": {"diag_every": 2, "samples_per_step": 2},
         "run": {"steps": 2, "out": str(tmp_path / name), "save_every": 0, "progress": "off",
-                "tensorboard": False},
+                "tensorboard": False, "threads": 1},
     }  # fmt: skip
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
