@@ -308,6 +308,8 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
         raise ConfigError("task.spec", f": {err}") from None
     if not task.train:
         raise ConfigError("task.spec", f": task {cfg.task.spec!r} has no train problems")
+    if cfg.eval.eval_every and not task.eval:
+        raise ConfigError("eval.eval_every", f": task {cfg.task.spec!r} has no eval problems (use 0)")
     if reward_fn is None:
         base = CorrectnessReward.pm1 if cfg.task.reward == "pm1" else CorrectnessReward
         reward_fn = base(timeout_s=cfg.task.grade_timeout_s)

@@ -283,6 +283,29 @@ def test_config_file_flags_and_saved_config(tmp_path):
         assert flag in help_text
 
 
+def test_configs_that_fail_when_the_run_starts_name_the_field(tmp_path):
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError) as err:
+            train(make_cfg(tmp_path, "cuda", model={"device": "cuda"}))
+        assert err.value.field == "model.device"
+    with pytest.raises(ConfigError) as err:
+        train(make_cfg(tmp_path, "noeval", task={"spec": "arithmetic:digits=1,ops=1,n_train=5,n_eval=0"},
+                       eval={"eval_every": 1}))  # fmt: skip
+    assert err.value.field == "eval.eval_every"
+    with pytest.raises(ConfigError) as err:
+        train(make_cfg(tmp_path, "toomany", task={"spec": "arithmetic:digits=1,ops=1,n_train=5000"}))
+    assert err.value.field == "task.spec"
+
+
+def test_half_precision_model_runs_on_cpu(tmp_path):
+    """The bfloat16 code paths (float32 logits in token_stats and in the JVP) on the CPU."""
+    cfg = make_cfg(tmp_path, model={"dtype": "bfloat16"}, diag={"diag_every": 1}, run={"steps": 1})
+    train(cfg, reward_fn=text_reward)
+    r = metric_rows(cfg.run.out)[-1]
+    for key in ("loss/total", "entropy", "theory/dH_measured", "theory/dH_jvp", "theory/dH_tabular"):
+        assert r[key] is not None and math.isfinite(r[key]), key
+
+
 # --------------------------------------------------------------------------------------------------
 # what a run writes
 
