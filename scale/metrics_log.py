@@ -69,7 +69,8 @@ key                                meaning
                                    ``lr A_eff r w / normaliser``, and 0 for a ratio-clipped one. It is
                                    the tabular (one-logit-vector-per-state, plain SGD) model: with a
                                    shared network or Adam it is not expected to match in size
-``theory/dH_tabular/<q>``          its part from quadrant ``q`` tokens
+``theory/dH_tabular/<q>``          its part from quadrant ``q`` tokens (tokens with ``A_eff = 0``, moved
+                                   only by KL terms, count in the total and in no quadrant)
 ``theory/dH_jvp``                  the network-level first-order prediction: the directional derivative
                                    of the batch mean entropy along the actual parameter update
                                    ``theta_after - theta_before`` (``torch.func.jvp``)
