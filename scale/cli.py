@@ -5,6 +5,7 @@ Usage::
     entdyn demo [--out runs/demo] [--seed 0] [--n 4000] [--quick]
     entdyn rules [NAME ...] [--json]
     entdyn toy NAME [NAME ...] [--out DIR] [--quick] [--seed S] [--runs R] [--steps N]
+    entdyn plot RUN_DIR [--out DIR]
     entdyn train [--model tiny] [--task SPEC] [--rule SPEC] [--steps N] [--out DIR] [--resume DIR] ...
     python -m scale.cli demo ...
 
@@ -35,7 +36,10 @@ Subcommands:
     and exact ``--resume``. ``entdyn train --help`` lists every flag (:mod:`scale.config`); the same
     as ``python -m scale.train``. Imports torch (only this subcommand does).
 
-The CLI will grow with later work: ``plot`` (figures from run directories).
+``plot``
+    Figures from a run directory of ``train`` (:mod:`scale.plot`): reward, entropy by polarity, the
+    measured vs predicted entropy change, the position profile, and ``tokens.html`` / ``tokens.png``
+    with every sampled token coloured by its entropy and by its quadrant.
 
 Each subcommand imports its implementation lazily inside its handler, so ``import scale.cli`` stays
 light and never imports torch; only subcommands that need torch (``train``) will import it.
@@ -110,6 +114,16 @@ def format_rules(records: list[dict], *, width: int = 100) -> str:
             pad = max(len(k) for k in defaults)
             lines += [f"    {k:<{pad}} = {_format_default(v)}" for k, v in defaults.items()]
     return "\n".join(lines)
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from scale.plot import main as plot_main  # lazy: matplotlib only, never torch
+
+    try:
+        return plot_main(args.run_dir, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"entdyn plot: {err}", file=sys.stderr)
+        return 2
 
 
 def _cmd_rules(args: argparse.Namespace) -> int:
@@ -209,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="GRPO training; run 'entdyn train --help' for the flags.",
     )
     train.set_defaults(handler=_cmd_train)
+
+    plot = sub.add_parser(
+        "plot",
+        help="figures and a token-level view (HTML + PNG) from a training run directory",
+        description=(
+            "Read RUN_DIR/metrics.jsonl and RUN_DIR/samples/ written by 'entdyn train' and write reward, "
+            "entropy-by-polarity, predicted-vs-measured dH and position-profile PNGs, plus tokens.html / "
+            "tokens.png (sampled completions coloured by entropy and by quadrant)."
+        ),
+    )
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of entdyn train")
+    plot.add_argument("--out", default=None, metavar="DIR", help="output directory (default: RUN_DIR/plots)")
+    plot.set_defaults(handler=_cmd_plot)
     return parser
 
 

@@ -95,9 +95,9 @@ def _plt():
 
 
 def _entropy_color(h: float, hmax: float) -> tuple[float, float, float]:
-    """White (H = 0) to deep orange (H = hmax)."""
+    """White (H = 0) to purple (H = hmax): a scale distinct from the quadrant colours."""
     x = 0.0 if hmax <= 0 else min(max(h / hmax, 0.0), 1.0)
-    return (1.0, 1.0 - 0.55 * x, 1.0 - 0.9 * x)
+    return (1.0 - 0.45 * x, 1.0 - 0.7 * x, 1.0 - 0.2 * x)
 
 
 def render_tokens_html(samples: list[dict], *, step: int | None = None, max_samples: int = 8) -> str:
@@ -109,7 +109,7 @@ def render_tokens_html(samples: list[dict], *, step: int | None = None, max_samp
            ".s{margin:1.2em 0;padding:.6em;border:1px solid #ddd;border-radius:6px}"
            "small{color:#555}</style>",
            f"<h2>Sampled completions{'' if step is None else f' at step {step}'}</h2>",
-           "<p>Top line of each sample: tokens coloured by entropy H (white = 0, orange = "
+           "<p>Top line of each sample: tokens coloured by entropy H (white = 0, purple = "
            f"{hmax:.2f} nats, the maximum shown). Bottom line: by quadrant sign(A) × sign(S* − E_p[S]): "
            + " ".join(f"<span class='t' style='background:{c};color:white'>{n}</span>"
                       for n, c in zip(QUADRANT_NAMES, QUADRANT_COLORS, strict=True))
@@ -140,6 +140,12 @@ def render_tokens_html(samples: list[dict], *, step: int | None = None, max_samp
     return "\n".join(out) + "\n"
 
 
+def _printable(tok: str) -> str:
+    """A token as the PNG shows it: newline ⏎, tab ⇥, other control characters ·."""
+    tok = tok.replace("\n", "⏎").replace("\t", "⇥")
+    return "".join(c if c.isprintable() else "·" for c in tok)
+
+
 def _tokens_png(samples: list[dict], path: Path, *, step: int | None, max_samples: int = 4,
                 max_tokens: int = 48) -> None:
     """Tokens as coloured boxes (entropy row, quadrant row per sample) — the notebook-friendly view."""
@@ -162,7 +168,7 @@ def _tokens_png(samples: list[dict], path: Path, *, step: int | None, max_sample
         y += 1
         for start in range(0, len(toks), per_row):
             for j, i in enumerate(range(start, min(start + per_row, len(toks)))):
-                label = toks[i].replace("\n", "⏎")[:8]
+                label = _printable(toks[i])[:8]
                 h = ent[i] if math.isfinite(ent[i]) else 0.0
                 ax.add_patch(plt.Rectangle((j, y), 0.96, 0.9, color=_entropy_color(h, hmax)))
                 ax.text(j + 0.48, y + 0.6, label, ha="center", fontsize=7, family="monospace")

@@ -66,3 +66,13 @@ def test_malformed_metrics_line_names_the_line(tmp_path):
         load_metrics(tmp_path)
     with pytest.raises(FileNotFoundError, match="run directory"):
         load_metrics(tmp_path / "nope")
+
+
+def test_cli_plot(tmp_path, capsys):
+    from scale.cli import main
+
+    _fake_run(tmp_path)
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "p")]) == 0
+    assert "tokens.html" in capsys.readouterr().out
+    assert main(["plot", str(tmp_path / "missing")]) == 2
+    assert "run directory" in capsys.readouterr().err
