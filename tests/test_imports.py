@@ -10,7 +10,13 @@ import pytest
 HEAVY = ("torch", "transformers", "trl", "accelerate")
 
 
-MODULES = ["theory", "toy", "theory, toy", "theory.rules, toy.bandit, toy.grpo, toy.demo", "scale, scale.cli"]
+MODULES = [
+    "theory",
+    "toy",
+    "theory, toy",
+    "theory.rules, toy.bandit, toy.grpo, toy.demo, toy.run, toy.experiments, toy.plotting",
+    "scale, scale.cli, scale.adapters, scale.plot, scale.models",
+]
 
 
 @pytest.mark.parametrize("modules", MODULES)
