@@ -1,9 +1,9 @@
 """``entdyn plot RUN_DIR``: figures from a training run directory (matplotlib only; never torch).
 
 Reads ``RUN_DIR/metrics.jsonl`` (one JSON object per step: ``"step"`` plus flat float metrics, see
-:mod:`scale.train`, "Logged metrics") and ``RUN_DIR/samples/step_XXXXXX.jsonl`` (sampled completions with
-per-token ``tokens``, ``entropy``, ``s_star``, ``deviation``, ``quadrant``, and the sample's ``advantage``
-and ``reward``) and writes into ``RUN_DIR/plots/`` (or ``--out``):
+:mod:`scale.metrics_log`, "Logged metrics") and ``RUN_DIR/samples/step_XXXXXX.jsonl`` (sampled
+completions with per-token ``tokens``, ``entropy``, ``s_star``, ``deviation``, ``quadrant``, and the
+sample's ``advantage`` and ``reward``) and writes into ``RUN_DIR/plots/`` (or ``--out``):
 
 * ``reward.png`` — training reward and accuracy (and held-out eval metrics when logged) over steps;
 * ``entropy.png`` — mean token entropy over all, positive and negative samples;
@@ -25,7 +25,7 @@ import math
 import sys
 from pathlib import Path
 
-__all__ = ["load_metrics", "load_samples", "plot_run", "render_tokens_html", "main", "KEYS"]
+__all__ = ["load_metrics", "load_samples", "plot_run", "render_tokens_html", "delta_h_table", "main", "KEYS"]
 
 #: metric names read from metrics.jsonl (the first present name of each tuple is used)
 KEYS: dict[str, tuple[str, ...]] = {
@@ -278,8 +278,35 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     return written
 
 
+def delta_h_table(rows: list[dict]) -> str:
+    """Markdown table of the diagnosed steps: measured ΔH beside the tabular and JVP predictions."""
+    cols = [("step", None), ("measured ΔH", "dH_measured"), ("tabular (E6 sum)", "dH_tabular"),
+            ("JVP (network first order)", "dH_jvp"), ("JVP / measured", None)]
+    keys = {name: next((k for k in KEYS[name] if any(k in r for r in rows)), None)
+            for _, name in cols if name}
+    if keys["dH_measured"] is None:
+        return "(no theory diagnostics in this run: train with --diag-every N)"
+
+    def fmt(x):
+        return "—" if not isinstance(x, int | float) or not math.isfinite(x) else f"{x:+.3e}"
+
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        m = r.get(keys["dH_measured"])
+        if not isinstance(m, int | float):
+            continue
+        j = r.get(keys["dH_jvp"]) if keys["dH_jvp"] else None
+        ratio = j / m if isinstance(j, int | float) and m else None
+        vals = [str(r["step"]), fmt(m), fmt(r.get(keys["dH_tabular"]) if keys["dH_tabular"] else None),
+                fmt(j), "—" if ratio is None else f"{ratio:.3f}"]
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
 def main(run_dir: str | Path, out: str | Path | None = None) -> int:
-    """``entdyn plot``: write the figures and print where they are."""
+    """``entdyn plot``: write the figures, print where they are and the predicted-vs-measured ΔH table."""
     for p in plot_run(run_dir, out):
         print(p)
+    print()
+    print(delta_h_table(load_metrics(run_dir)))
     return 0

@@ -76,3 +76,14 @@ def test_cli_plot(tmp_path, capsys):
     assert "tokens.html" in capsys.readouterr().out
     assert main(["plot", str(tmp_path / "missing")]) == 2
     assert "run directory" in capsys.readouterr().err
+
+
+def test_delta_h_table_lists_diagnosed_steps(tmp_path):
+    from scale.plot import delta_h_table
+
+    rows = _fake_run(tmp_path)
+    table = delta_h_table(rows).splitlines()
+    assert table[0].startswith("| step | measured ΔH")
+    assert len(table) == 2 + 6  # steps 0, 2, ..., 10 were diagnosed
+    assert table[2].startswith("| 0 | -1.000e-01 | -5.000e-02 | -1.000e-01 | 1.000 |")
+    assert "no theory diagnostics" in delta_h_table([{"step": 1, "reward/mean": 0.5}])
