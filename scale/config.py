@@ -66,6 +66,7 @@ __all__ = [
     "parse_args",
     "save_config",
     "validate",
+    "validate_distributed",
 ]
 
 #: dtypes the trainer accepts: scale.models' three plus float64 (loaded in float32, then converted; for
@@ -179,8 +180,9 @@ class OptimConfig:
         min_lr_ratio: final lr / peak lr of the linear and cosine schedules.
         ppo_epochs: mu, passes over each step's batch (ratios differ from 1 after the first update).
         minibatches: optimizer updates per epoch; P x G sequences must split evenly.
-        micro_batch: sequences per forward/backward inside a minibatch (0 = the whole minibatch);
-            gradients accumulate with the minibatch's normaliser, so the update does not depend on it.
+        micro_batch: sequences per forward/backward inside a minibatch (0 = the whole minibatch); with
+            several processes, per process (0 = the process's 1/W share); gradients accumulate with the
+            minibatch's global normaliser, so the update does not depend on it.
     """
 
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -658,6 +660,26 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     )
     _positive(run.threads is None or run.threads >= 1, "run.threads", "must be >= 1 or none", run.threads)
     _positive(bool(str(run.out).strip()), "run.out", "must be a directory path", run.out)
+    return cfg
+
+
+def validate_distributed(cfg: TrainConfig, world: int) -> TrainConfig:
+    """The constraints of a run over ``world`` processes (:mod:`scale.distributed`): every minibatch
+    splits into ``world`` equal shares, and each share into micro-batches."""
+    mb = cfg.minibatch_size
+    if mb % world:
+        raise ConfigError(
+            "optim.minibatches",
+            f": a minibatch of {mb} sequences (rollout.prompts x rollout.group_size / optim.minibatches) "
+            f"does not split over {world} processes",
+        )
+    micro = cfg.optim.micro_batch
+    if micro and (mb // world) % micro:
+        raise ConfigError(
+            "optim.micro_batch",
+            f": a process's share of {mb // world} sequences per minibatch does not split into micro-batches "
+            f"of {micro}",
+        )
     return cfg
 
 

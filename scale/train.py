@@ -84,12 +84,16 @@ from .config import (
     make_stage_detector,
     save_config,
     validate,
+    validate_distributed,
 )
+from .distributed import Dist, all_reduce_grads, all_reduce_sum, barrier, broadcast_params, gather_rows, setup
+from .distributed import owned_slices as _owned_slices
 from .grading import CorrectnessReward, SafeReward, evaluate_samples
 from .loss import grpo_loss, loss_normaliser, slice_rule_output
 from .metrics_log import MetricsLogger, truncate_metrics, write_samples
 from .rollout import Rollout, decoder_and_head, forward_hidden, sample, score, score_all
 from .tasks import format_prompt, make_task
+from .token_stats import TokenStats
 
 __all__ = ["RewardFunctionError", "TrainingDiverged", "main", "train"]
 
@@ -198,12 +202,14 @@ def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
     )
 
 
-def _prepare_run_dir(cfg: TrainConfig) -> Path:
+def _prepare_run_dir(cfg: TrainConfig, modify: bool = True) -> Path:
+    """The run directory, checked; ``modify=False`` (the processes other than rank 0) only checks."""
     run_dir = Path(cfg.run.out)
     if cfg.run.resume:
         if latest_checkpoint(run_dir) is None:
             raise ConfigError("run.resume", f": {str(run_dir)!r} holds no checkpoint to resume from")
-        clean_temp(run_dir)
+        if modify:
+            clean_temp(run_dir)
         return run_dir
     used = [p for p in ("metrics.jsonl", "checkpoints", "samples") if (run_dir / p).exists()]
     if used and not cfg.run.overwrite:
@@ -212,6 +218,8 @@ def _prepare_run_dir(cfg: TrainConfig) -> Path:
             f": {str(run_dir)!r} already holds a run ({', '.join(used)}); pass --resume {run_dir} to "
             "continue it, --overwrite to replace it, or another --out",
         )
+    if not modify:
+        return run_dir
     import shutil
 
     for p in ("metrics.jsonl", "checkpoints", "samples", "tb"):
@@ -242,12 +250,79 @@ def _entropy_sum(ro: Rollout, hidden: torch.Tensor, weight, bias, temperature: f
     return total
 
 
-def _entropy_jvp(model, ro: Rollout, theta0: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
+def _chunks(parts: Sequence[slice], size: int) -> list[slice]:
+    """``parts`` cut into consecutive slices of at most ``size`` rows."""
+    return [slice(s, min(s + size, p.stop)) for p in parts for s in range(p.start, p.stop, size)]
+
+
+def _score_rows(model, ro: Rollout, parts: Sequence[slice] | None, dd: Dist, cfg: TrainConfig, **kw):
+    """No-grad token statistics of the global batch: :func:`score_all` on one process; with several,
+    each scores its ``parts`` and the rows are all-gathered (:func:`scale.distributed.gather_rows`)."""
+    batch = cfg.rollout.score_batch
+    if not dd.enabled:
+        return score_all(model, ro, batch, **kw)
+    local = [score_all(model, ro.rows(p), batch, **kw) for p in parts]
+    out = {}
+    for name in ("logp", "entropy", "s_star", "baseline"):
+        vals = [getattr(x, name) for x in local]
+        cat = None if vals[0] is None else torch.cat(vals, 0)
+        out[name] = None if cat is None else gather_rows(cat, dd, ro.n, cfg.optim.minibatches)
+    return TokenStats(**out)
+
+
+#: grpo_loss metrics that are means over the call's kept tokens
+_KEPT_MEANS = (
+    "clip_frac_low",
+    "clip_frac_high",
+    "clip_frac_dual",
+    "approx_kl",
+    "ratio_mean",
+    "entropy",
+    "ref_kl",
+)
+
+
+def _metric_parts(
+    lm: dict[str, torch.Tensor], mask: torch.Tensor, rule_out, r: slice
+) -> dict[str, torch.Tensor]:
+    """A call's :func:`grpo_loss` metrics as sums: token means times their token counts (kept tokens;
+    ``kept_frac``: response tokens); ``policy_loss`` (already over the global normaliser) as is."""
+    keep = mask if rule_out is None else mask & rule_out.keep[r]
+    n_keep, n_mask = keep.sum(), mask.sum()
+    out = {}
+    for key, v in lm.items():
+        w = n_keep if key in _KEPT_MEANS else n_mask if key == "kept_frac" else None
+        out[key] = v if w is None else v * w.to(v.dtype)
+    return out
+
+
+def _reduce_metric_parts(part: dict[str, torch.Tensor], mask: torch.Tensor, mb_out, dd: Dist) -> dict:
+    """The minibatch's metrics from every process's :func:`_metric_parts` sums (one all-reduce): token
+    means over the minibatch's kept tokens, as one process computes them without micro-batches."""
+    keys = sorted(part)
+    total = all_reduce_sum(torch.stack([part[k].reshape(()) for k in keys]), dd)
+    keep = mask if mb_out is None else mask & mb_out.keep
+    n_keep, n_mask = keep.sum().clamp_min(1), mask.sum().clamp_min(1)
+    out = {}
+    for i, key in enumerate(keys):
+        n = n_keep if key in _KEPT_MEANS else n_mask if key == "kept_frac" else None
+        out[key] = total[i] if n is None else total[i] / n.to(total.dtype)
+    return out
+
+
+def _entropy_jvp(
+    model,
+    ro: Rollout,
+    theta0: dict[str, torch.Tensor],
+    cfg: TrainConfig,
+    parts: Sequence[slice] | None = None,
+) -> torch.Tensor:
     """``d/de sum_t H_t(theta0 + e * dtheta)`` at ``e = 0`` with ``dtheta = theta - theta0`` (all tokens).
 
     Runs the decoder functionally (``torch.func.functional_call``) under ``torch.func.jvp``; attention
     uses sdpa's math kernel (the fused CPU kernel has no forward-mode derivative). Batched like the
-    scoring passes; the derivative is linear, so the chunks' results add up.
+    scoring passes; the derivative is linear, so the chunks' results add up. ``parts``: only these rows
+    (a process's share; the caller sums over processes).
     """
     from torch.func import jvp
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -271,8 +346,8 @@ def _entropy_jvp(model, ro: Rollout, theta0: dict[str, torch.Tensor], cfg: Train
     try:
         total = None
         with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
-            for s in range(0, ro.n, cfg.rollout.score_batch):
-                part = ro.rows(slice(s, s + cfg.rollout.score_batch))
+            for sl in _chunks(parts if parts is not None else [slice(0, ro.n)], cfg.rollout.score_batch):
+                part = ro.rows(sl)
                 _, d = jvp(lambda ps, part=part: f(ps, part), (theta0,), (tangents,))
                 total = d if total is None else total + d
     finally:
@@ -294,7 +369,15 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
     gradient norm, :class:`RewardFunctionError` when a strict reward function raises.
     """
     validate(cfg)
-    run_dir = _prepare_run_dir(cfg)
+    dd = setup(cfg.model.device)  # one process unless launched by torchrun / accelerate (scale.distributed)
+    saved_cfg = cfg
+    if dd.enabled:
+        validate_distributed(cfg, dd.world)
+        if cfg.model.device == "cuda":  # one GPU per process
+            per_rank = dataclasses.replace(cfg.model, device=f"cuda:{dd.local_rank}")
+            cfg = dataclasses.replace(cfg, model=per_rank)
+    run_dir = _prepare_run_dir(cfg, modify=dd.is_main)
+    barrier(dd)
     seed, ro_cfg, opt = cfg.run.seed, cfg.rollout, cfg.optim
     P, G, N = ro_cfg.prompts, ro_cfg.group_size, cfg.n_seqs
     tau, chunk = ro_cfg.temperature, cfg.model.chunk_size
@@ -323,6 +406,11 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
     model, tok = _load_model(cfg)
     device = next(model.parameters()).device
     ref = _load_model(cfg)[0].requires_grad_(False) if cfg.loss.kl_beta > 0 else None
+    broadcast_params(model, dd)  # replicas start equal (a no-op with one process)
+    if ref is not None:
+        broadcast_params(ref, dd)
+    # the rows this process scores and trains on: 1/W of every minibatch (all rows with one process)
+    own = _owned_slices(N, opt.minibatches, dd.world, dd.rank) if dd.enabled else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_optimizer(cfg, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
@@ -343,11 +431,15 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
             stage = type(stage)(**st)
         rule_state = ts.get("rule_state", rule_state)
         restore_rng(js["rng"], ts["rng"])
-        truncate_metrics(run_dir, step)
-    save_config(cfg, run_dir)
+        if dd.is_main:
+            truncate_metrics(run_dir, step)
     last = cfg.run.stop_after or cfg.run.steps
-    logger = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, purge_step=step + 1 if step else None)
-    mode = cfg.run.progress
+    logger = None
+    if dd.is_main:  # rank 0 writes the run directory: config, metrics, samples, checkpoints
+        save_config(saved_cfg, run_dir)
+        purge = step + 1 if step else None
+        logger = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, purge_step=purge)
+    mode = cfg.run.progress if dd.is_main else "off"
     if mode == "auto":
         mode = "bar" if sys.stderr.isatty() else "log"
     bar = None
@@ -401,16 +493,17 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
             m["adv/abs_mean"] = adv_seq.abs().mean()
 
             # ---- 3. behaviour statistics (no grad): log pi_old, H, S*, E_p[S] ---------------------
-            old = score_all(model, ro, ro_cfg.score_batch, temperature=tau, chunk_size=chunk, s_star=True,
-                            baseline=True)  # fmt: skip
+            # (several processes: each scores its rows, then the rows are all-gathered: global statistics)
+            old = _score_rows(model, ro, own, dd, cfg, temperature=tau, chunk_size=chunk, s_star=True,
+                              baseline=True)  # fmt: skip
             ref_logp = None
             if ref is not None:
-                ref_logp = score_all(ref, ro, ro_cfg.score_batch, temperature=tau, chunk_size=chunk).logp
+                ref_logp = _score_rows(ref, ro, own, dd, cfg, temperature=tau, chunk_size=chunk).logp
             dev = old.s_star - old.baseline  # (N, T) S* - E_p[S]
             _sync(device)
             t_score = time.perf_counter()
 
-            # ---- 4. the rule, once on the whole batch ---------------------------------------------
+            # ---- 4. the rule, once on the whole (global) batch; every process runs it identically ----
             rule_out = None
             if rule is not None:
                 batch = TokenBatch(
@@ -433,16 +526,18 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
                 theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
                 alpha = torch.zeros_like(old.logp)  # (N, T) summed SGD-equivalent logit step sizes
                 t_diag += time.perf_counter() - td
-            mb, micro = cfg.minibatch_size, cfg.micro_batch_size
+            mb = cfg.minibatch_size
+            micro = opt.micro_batch or mb // dd.world  # sequences per forward on this process
             sums: dict[str, torch.Tensor] = {}
             n_calls, losses, norms = 0, [], []
             for epoch in range(opt.ppo_epochs):
                 for k in range(opt.minibatches):
                     rows = slice(k * mb, (k + 1) * mb)
                     mb_out = slice_rule_output(rule_out, rows) if rule_out is not None else None
-                    norm = loss_normaliser(mask[rows], cfg.loss, mb_out)  # global over micro-batches
-                    loss_sum, grads = torch.zeros((), device=device), []
-                    for s in range(rows.start, rows.stop, micro):
+                    norm = loss_normaliser(mask[rows], cfg.loss, mb_out)  # global: micro-batches, processes
+                    loss_sum, grads, part = torch.zeros((), device=device), [], {}
+                    mine = own[k] if own is not None else rows
+                    for s in range(mine.start, mine.stop, micro):
                         r = slice(s, s + micro)
                         st = score(
                             model, ro.rows(r), temperature=tau, chunk_size=chunk, entropy_grad=entropy_grad
@@ -459,9 +554,19 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
                         if diag:
                             grads.append((r, st.logp.grad.detach()))
                         loss_sum = loss_sum + loss.detach()
+                        if dd.enabled:  # token-weighted partial sums, reduced per minibatch below
+                            for key, v in _metric_parts(lm, mask[r], rule_out, r).items():
+                                part[key] = part[key] + v if key in part else v
+                            continue
                         for key, v in lm.items():
                             sums[key] = sums[key] + v if key in sums else v
                         n_calls += 1
+                    if dd.enabled:  # the minibatch's metrics over every process's tokens
+                        for key, v in _reduce_metric_parts(part, mask[rows], mb_out, dd).items():
+                            sums[key] = sums[key] + v if key in sums else v
+                        n_calls += 1
+                    all_reduce_grads(params, dd)  # sum over processes = the 1-process gradient
+                    loss_sum = all_reduce_sum(loss_sum, dd)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                     if not bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)):  # one sync per update
                         good = latest_checkpoint(run_dir)
@@ -481,6 +586,8 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
                     optimizer.zero_grad(set_to_none=True)
                     losses.append(loss_sum)
                     norms.append(grad_norm)
+            if dd.enabled and diag:
+                alpha = all_reduce_sum(alpha, dd)  # each process filled its own rows, zeros elsewhere
             norms_t = torch.stack(norms)
             m["loss/total"] = torch.stack(losses).mean()
             m["loss/policy"] = sums["policy_loss"] / n_calls
@@ -501,7 +608,7 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
             n_tok = mask.sum().to(old.entropy.dtype)
             if diag:
                 td = time.perf_counter()
-                after = score_all(model, ro, ro_cfg.score_batch, temperature=tau, chunk_size=chunk)
+                after = _score_rows(model, ro, own, dd, cfg, temperature=tau, chunk_size=chunk)
                 m["theory/dH_measured"] = (after.entropy.sum() - old.entropy.sum()) / n_tok
                 dh_tab = torch.where(mask, -alpha * dev, 0.0)  # (N, T) (E6) per token
                 m["theory/dH_tabular"] = dh_tab.sum() / n_tok
@@ -509,7 +616,7 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
                 for q, name in enumerate(theory.QUADRANTS):
                     m[f"theory/dH_tabular/{name}"] = torch.where(quad == q, dh_tab, 0.0).sum() / n_tok
                 if cfg.diag.jvp:
-                    m["theory/dH_jvp"] = _entropy_jvp(model, ro, theta0, cfg) / n_tok
+                    m["theory/dH_jvp"] = all_reduce_sum(_entropy_jvp(model, ro, theta0, cfg, own), dd) / n_tok
                 del theta0
                 _sync(device)
                 t_diag += time.perf_counter() - td
@@ -553,7 +660,7 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
             # ---- 9. held-out evaluation ------------------------------------------------------------
             t_eval = time.perf_counter()
             ev = cfg.eval
-            if ev.eval_every and (step % ev.eval_every == 0 or step == cfg.run.steps):
+            if dd.is_main and ev.eval_every and (step % ev.eval_every == 0 or step == cfg.run.steps):
                 floats.update(_evaluate(model, tok, task.eval[: ev.eval_problems], cfg, step))
             t_end = time.perf_counter()
 
@@ -567,6 +674,9 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
             floats["time/eval_s"] = t_end - t_eval
             floats["tokens_per_s"] = float(n_tok) / step_s
             floats["mem/peak_gb"] = _peak_memory_gb(device)
+            if not dd.is_main:  # the other processes write nothing
+                record = floats
+                continue
             record = logger.log(step, floats)
             if cfg.diag.samples_per_step:
                 write_samples(run_dir, step, _sample_records(ro, tok, old, dev, quad, adv_seq, rewards_list,
@@ -586,9 +696,11 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
                 )  # fmt: skip
             _progress(bar, mode, step, cfg.run.steps, record)
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
         if bar is not None:
             bar.close()
+    barrier(dd)  # rank 0's last checkpoint is complete when any process returns
     return {"run_dir": str(run_dir), "step": step, "wall_s": time.perf_counter() - t_run, "last": record}
 
 
