@@ -42,8 +42,13 @@ What is simplified, and why:
   reshuffled per epoch.
 * The model stays in ``eval()`` mode (dropout off), so before the first update ``pi == pi_old`` exactly
   and the ratio is 1 to the last bit.
-* No vLLM, no distributed training, no sequence packing: this is a reference trainer for CPUs and a
-  single GPU.
+* No vLLM, no sequence packing, no FSDP: this is a reference trainer for CPUs and GPUs. Several
+  processes (``torchrun --nproc_per_node N -m scale.train ...``) train data-parallel
+  (:mod:`scale.distributed`): every process samples the whole step's rollout (replicated, so the batch
+  is the 1-process batch), scores and trains on its ``1/N`` of every minibatch, all-gathers the token
+  statistics so the rule runs once on the global batch, and sums gradients over processes with the
+  global normaliser; the result equals the 1-process run to rounding (``tests/test_scale_distributed.py``).
+  Rank 0 alone writes the run directory.
 
 Reproducibility: sampling is seeded per step from ``(seed, step)``, the rule's noise and the eval
 samples from their own per-step streams (so eval does not move the training stream), and the data
@@ -56,6 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import resource
 import sys
 import time
@@ -792,6 +798,8 @@ def _sample_records(ro, tok, old, dev, quad, adv_seq, rewards, problems, step, c
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``entdyn train [flags]``; returns the exit status (2: bad configuration, 1: the run failed)."""
+    import torch.distributed as dist
+
     from .config import parse_args
 
     try:
@@ -803,6 +811,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TrainingDiverged, RewardFunctionError) as err:
         print(f"entdyn train: {err}", file=sys.stderr)
         return 1
+    finally:
+        if dist.is_available() and dist.is_initialized():  # started by train() from torchrun's environment
+            dist.destroy_process_group()
+    if dist.is_available() and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # the other processes print nothing
     rec = summary["last"]
     print(
         f"done: {summary['step']} steps in {summary['wall_s']:.1f} s, run directory {summary['run_dir']} "

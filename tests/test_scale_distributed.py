@@ -3,7 +3,8 @@
 Two CPU processes (``torch.multiprocessing``, gloo) train the ``tiny`` model in float64 for 2 steps with
 a rule whose statistics are batch statistics (Clip_B's mean/std, Clip-Cov's centring and top-k, the
 entropy quantile); a 1-process run of the same configuration must give the same parameters and the same
-logged metrics (rule metrics included) to floating-point tolerance. Each process owns half of every
+logged metrics (rule metrics included) to floating-point tolerance; a 2-process run stopped after step 1
+and resumed equals the uninterrupted one bit for bit. Each process owns half of every
 minibatch (2 minibatches, so the split and the global normaliser are both exercised), and the theory
 diagnostics (gathered after-update entropies, the summed JVP) run on every step.
 """
@@ -65,6 +66,14 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     try:
         for name, spec in RULES.items():
             train(make_cfg(Path(root) / f"dist_{name}", spec), reward_fn=text_reward)
+        # stopped after step 1, then resumed from rank 0's checkpoint by both processes
+        out = Path(root) / "dist_resumed"
+        cfg = make_cfg(out, RULES["clip_b"])
+        cfg.run.stop_after = 1
+        train(cfg, reward_fn=text_reward)
+        cfg = make_cfg(out, RULES["clip_b"])
+        cfg.run.resume = str(out)
+        train(cfg, reward_fn=text_reward)
     finally:
         dist.destroy_process_group()
 
@@ -136,3 +145,8 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
                 assert b[k] == pytest.approx(a[k], rel=1e-9, abs=1e-12), f"{name} step {a['step']}: {k}"
         # the rule did something on the global batch (not a vacuous comparison)
         assert any(v for r in r1 for k, v in r.items() if k.startswith("rule/") and isinstance(v, float))
+    # a 2-process resume equals the uninterrupted 2-process run bit for bit
+    resumed, full = tmp_path / "dist_resumed", tmp_path / "dist_clip_b"
+    p_res, p_full = _params(resumed), _params(full)
+    assert all(torch.equal(p_res[k], p_full[k]) for k in p_full)
+    assert _rows(resumed) == _rows(full)
