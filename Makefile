@@ -15,6 +15,9 @@ PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip
 STAMP      := $(VENV)/.installed
 OUT        ?= runs/demo
+# the demo's real-model run: SmolLM2-135M-Instruct, 4 prompts x 4 samples, 3 steps, diagnostics every step
+SMOL_DEMO_ARGS ?= --task arithmetic:digits=1,ops=1,n_train=100,n_eval=20 --prompts 4 --group-size 4 \
+	--max-new-tokens 32 --steps 3 --lr 1e-5 --diag-every 1 --threads 2 --progress log
 
 .PHONY: demo test lab install bench lint clean
 
@@ -34,7 +37,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	MPLBACKEND=Agg $(VENV)/bin/entdyn demo --out $(OUT)
 	MPLBACKEND=Agg $(VENV)/bin/entdyn toy all --quick --out $(OUT)/toy
-	@echo "figures and summaries: $(OUT)/theory_demo.png, $(OUT)/summary.json, $(OUT)/toy/<experiment>/"
+	MPLBACKEND=Agg $(VENV)/bin/entdyn train --model smollm2-135m $(SMOL_DEMO_ARGS) --out $(OUT)/smollm2 --overwrite
+	MPLBACKEND=Agg $(VENV)/bin/entdyn plot $(OUT)/smollm2
+	@echo "figures and summaries: $(OUT)/theory_demo.png, $(OUT)/summary.json, $(OUT)/toy/<experiment>/,"
+	@echo "  $(OUT)/smollm2/plots/ (reward, entropy, predicted vs measured dH, tokens.html)"
 
 test: $(STAMP)
 	MPLBACKEND=Agg HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
