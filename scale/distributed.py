@@ -129,14 +129,19 @@ def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
 def all_reduce_grads(params: list[torch.nn.Parameter], d: Dist) -> None:
     """Sum the gradients of ``params`` over processes in place (one flat all-reduce per dtype).
 
-    A parameter without a gradient on this process counts as zeros (and then holds the sum).
+    A parameter without a gradient on every process keeps ``grad = None`` (as with one process, so the
+    optimizer skips it); one with a gradient on some processes only counts as zeros on the others.
     """
     if not d.enabled:
         return
     import torch.distributed as dist
 
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int64, device=params[0].device)
+    dist.all_reduce(has, op=dist.ReduceOp.SUM)
     by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-    for p in params:
+    for p, n in zip(params, has.tolist(), strict=True):
+        if n == 0:
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         by_dtype.setdefault(p.grad.dtype, []).append(p)

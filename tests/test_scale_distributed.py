@@ -64,6 +64,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
+        _check_grad_reduction(rank, world)
         for name, spec in RULES.items():
             train(make_cfg(Path(root) / f"dist_{name}", spec), reward_fn=text_reward)
         # stopped after step 1, then resumed from rank 0's checkpoint by both processes
@@ -76,6 +77,20 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         train(cfg, reward_fn=text_reward)
     finally:
         dist.destroy_process_group()
+
+
+def _check_grad_reduction(rank: int, world: int) -> None:
+    """Gradients are summed; a gradient on one process only counts as zeros on the others; a parameter
+    with no gradient anywhere keeps ``None`` (the optimizer skips it, as with one process)."""
+    from scale.distributed import Dist, all_reduce_grads
+
+    a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    a.grad = torch.full((3,), float(rank + 1))
+    if rank == 1:
+        b.grad = torch.ones(3)
+    all_reduce_grads([a, b, c], Dist(rank, world))
+    assert a.grad.tolist() == [world * (world + 1) / 2] * 3
+    assert b.grad.tolist() == [1.0] * 3 and c.grad is None
 
 
 def _free_port() -> int:
