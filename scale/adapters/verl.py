@@ -63,7 +63,7 @@ tokens), plus ``actor/entdyn/kept_frac`` and ``actor/entdyn/<rule metric>``, as 
 
 ``verl`` is optional: the registration functions take the ``register`` decorator factory to use and
 import verl's only when none is given. Installing ``verl==0.9.1`` next to this project's stack would
-downgrade ``transformers`` (verl pins ``transformers<5.11``); see ``docs/scaling_adapters.md``.
+downgrade ``transformers`` (verl pins ``transformers<5.11``); see ``docs/scaling.md``.
 """
 
 from __future__ import annotations
