@@ -5,8 +5,8 @@
 * every committed ``.ipynb`` has exactly the cells of its source (``notebooks/sync.py``), so the two
   cannot drift;
 * drift guards against the library: a notebook defines no function or class whose name is a public
-  name of ``theory`` / ``toy``, defines functions only as plotting glue (``plot_*``), and imports no
-  private (``_``) name or module from the library.
+  name of ``theory`` / ``toy`` / ``scale``, defines functions only as plotting glue (``plot_*``), and
+  imports no private (``_``) name or module from the library.
 
 Needs jupytext and nbclient (the ``notebooks`` and ``dev`` extras); without them the tests skip locally
 and fail under CI (``CI`` set), so a missing install step cannot pass silently.
@@ -28,8 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 SOURCES = sorted(NB_DIR.glob("[0-9][0-9]_*.py"))
 LIBRARY_MODULES = ("theory", "theory.rules", "toy", "toy.bandit", "toy.grpo", "toy.run", "toy.experiments",
-                   "toy.demo", "toy.progress")
-EXPECTED = 5  # notebooks 1-5; notebook 6 ("from toy to LLM") comes with the trainer
+                   "toy.demo", "toy.progress", "scale.config", "scale.train", "scale.plot",
+                   "scale.metrics_log")
+LIBRARY_PACKAGES = ("theory", "toy", "scale")
+EXPECTED = 6  # notebooks 1-6
 SMALL_BUDGET_S = 240  # per notebook in small mode (timeout per cell and total)
 
 
@@ -62,8 +64,8 @@ def test_ipynb_is_in_sync_with_its_source(py):
     assert sync.in_sync(py), f"{py.with_suffix('.ipynb').name} differs from {py.name}: run notebooks/sync.py"
 
 
-# notebooks taking more than ~20 s in small mode on 2 cores (all five together: about 1-1.5 minutes)
-SLOW = {"05_stages_and_shaping"}
+# notebooks taking more than ~20 s in small mode on 2 cores (all six together: about 1.5-2 minutes)
+SLOW = {"05_stages_and_shaping", "06_from_toy_to_llm"}
 
 
 @pytest.mark.parametrize("py", [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW else p
@@ -95,7 +97,7 @@ def _public_library_names() -> set[str]:
         names.update(getattr(mod, "__all__", ()))
         for name, obj in inspect.getmembers(mod):
             if not name.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj)) \
-                    and getattr(obj, "__module__", "").split(".")[0] in ("theory", "toy"):
+                    and getattr(obj, "__module__", "").split(".")[0] in LIBRARY_PACKAGES:
                 names.add(name)
     return names
 
@@ -111,7 +113,7 @@ def test_notebook_defines_no_library_logic(py):
             assert isinstance(node, ast.FunctionDef) and node.name.startswith("plot_"), (
                 f"{py.name}:{node.lineno} defines {node.name!r}: notebooks define only plotting glue "
                 "(plot_*); "
-                "put logic in theory/ or toy/")
+                "put logic in theory/, toy/ or scale/")
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda):
             pytest.fail(f"{py.name}:{node.lineno} assigns a lambda: notebooks define no helper logic")
 
@@ -120,15 +122,16 @@ def test_notebook_defines_no_library_logic(py):
 def test_notebook_imports_only_public_library_names(py):
     tree = ast.parse(py.read_text(encoding="utf-8"), filename=str(py))
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("theory", "toy"):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in LIBRARY_PACKAGES:
             assert not any(part.startswith("_") for part in node.module.split(".")), (
                 f"{py.name}:{node.lineno} imports from private module {node.module}")
             private = [a.name for a in node.names if a.name.startswith("_")]
             assert not private, f"{py.name}:{node.lineno} imports private names {private} from {node.module}"
         if isinstance(node, ast.Import):
-            bad = [a.name for a in node.names if a.name.split(".")[0] in ("theory", "toy")
+            bad = [a.name for a in node.names if a.name.split(".")[0] in LIBRARY_PACKAGES
                    and any(part.startswith("_") for part in a.name.split("."))]
             assert not bad, f"{py.name}:{node.lineno} imports private modules {bad}"
         if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
-                and isinstance(node.value, ast.Name) and node.value.id in ("T", "theory", "toy", "rules"):
+                and isinstance(node.value, ast.Name) \
+                and node.value.id in ("T", "theory", "toy", "rules", "scale"):
             pytest.fail(f"{py.name}:{node.lineno} uses the private name {node.value.id}.{node.attr}")
