@@ -105,6 +105,14 @@ def _final(h: History, key: str, last: int = 10) -> tuple[float, float]:
     return float(m), float(ci)
 
 
+def _outcome(h: History, G: int) -> dict:
+    """Final entropy, reward and pass@G (last 10 steps) and the mean reward over training, each as
+    (mean, 95% CI half-width) over seeds: the columns every comparison table shares."""
+    auc = mean_ci(h.curves["reward"].mean(axis=0), axis=0)
+    return {"entropy": _final(h, "entropy"), "reward": _final(h, "reward"),
+            f"pass_at_{G}": _final(h, f"pass_at_{G}"), "reward_auc": (float(auc[0]), float(auc[1]))}
+
+
 def _plt():
     import matplotlib
 
@@ -337,10 +345,7 @@ def rules(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, steps
     table = [["rule", "final entropy", "final reward", f"final pass@{G}", "mean reward (AUC)",
               "ratio-clip frac"]]
     for name, h in hist.items():
-        res = {"entropy": _final(h, "entropy"), "reward": _final(h, "reward"),
-               f"pass_at_{G}": _final(h, f"pass_at_{G}"),
-               "reward_auc": tuple(float(x) for x in mean_ci(h.curves["reward"].mean(axis=0), axis=0)),
-               "ratio_clip_frac": _final(h, "ratio_clip_frac")}
+        res = _outcome(h, G) | {"ratio_clip_frac": _final(h, "ratio_clip_frac")}
         summary["results"][name] = res
         table.append([name, _pm(*res["entropy"]), _pm(*res["reward"]), _pm(*res[f"pass_at_{G}"]),
                       _pm(*res["reward_auc"]), f"{res['ratio_clip_frac'][0]:.3f}"])
@@ -452,10 +457,7 @@ def shaping(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, ste
               "entropy first/last position"]]
     for name, h in hist.items():
         prof = h.curves["entropy_by_pos"][-10:].mean(axis=(0, 1))  # (T,)
-        res = {"entropy": _final(h, "entropy"), "reward": _final(h, "reward"),
-               f"pass_at_{G}": _final(h, f"pass_at_{G}"),
-               "reward_auc": tuple(float(x) for x in mean_ci(h.curves["reward"].mean(axis=0), axis=0)),
-               "entropy_by_position": prof.tolist(), "plateau_step": h.plateau_step}
+        res = _outcome(h, G) | {"entropy_by_position": prof.tolist(), "plateau_step": h.plateau_step}
         summary["results"][name] = res
         table.append([name, _pm(*res["entropy"]), _pm(*res["reward"]), _pm(*res[f"pass_at_{G}"]),
                       _pm(*res["reward_auc"]), f"{prof[0]:.3f} / {prof[-1]:.3f}"])
