@@ -83,22 +83,24 @@ class Bandit:
         M, T, V = self.shape
         if tokens.shape[-3] != M or tokens.shape[-1] != T:
             raise ValueError(f"tokens must have shape (..., M={M}, G, T={T}), got {tokens.shape}")
-        hit = np.take_along_axis(
-            np.broadcast_to(table[:, None], tokens.shape[:-3] + (M, tokens.shape[-2], T, V)),
-            tokens[..., None],
-            axis=-1,
-        )[..., 0]  # (..., M, G, T)
+        hit = table[np.arange(M)[:, None, None], np.arange(T)[None, None, :], tokens]  # (..., M, G, T)
         need = self.horizon if self.need is None else self.need
         return hit.sum(axis=-1) >= need
 
-    def rewards(self, correct: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Rewards of responses from their correctness ``(...)`` (float64)."""
+    def rewards(self, correct: np.ndarray, u: np.ndarray | None = None) -> np.ndarray:
+        """Rewards of responses from their correctness ``(...)`` (float64).
+
+        ``"bernoulli"`` needs uniforms ``u`` in [0, 1) of the same shape, drawn by the caller (no hidden
+        randomness); the other reward types ignore ``u``.
+        """
         if self.reward == "deterministic":
             return correct.astype(np.float64)
         if self.reward == "pm1":
             return np.where(correct, 1.0, -1.0)
+        if u is None or np.shape(u) != np.shape(correct):
+            raise ValueError(f"bernoulli rewards need uniforms u of shape {np.shape(correct)}")
         p = np.where(correct, self.p_correct, 1.0 - self.p_correct)
-        return (rng.random(correct.shape) < p).astype(np.float64)
+        return (u < p).astype(np.float64)
 
 
 def _block_size(V: int, cap: int = 64) -> int:

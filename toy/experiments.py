@@ -113,6 +113,15 @@ def _outcome(h: History, G: int) -> dict:
             f"pass_at_{G}": _final(h, f"pass_at_{G}"), "reward_auc": (float(auc[0]), float(auc[1]))}
 
 
+def _outcome_header(first: str, G: int) -> list[str]:
+    return [first, "final entropy", "final reward", f"final pass@{G}", "mean reward (AUC)"]
+
+
+def _outcome_cells(name: str, res: dict, G: int) -> list[str]:
+    """The :func:`_outcome_header` cells of one configuration's :func:`_outcome`."""
+    return [name] + [_pm(*res[k]) for k in ("entropy", "reward", f"pass_at_{G}", "reward_auc")]
+
+
 def _plt():
     import matplotlib
 
@@ -157,9 +166,10 @@ def first_order(out: Path, *, quick: bool, seed: int, progress: bool, runs=None,
         step(b, replace(sweep_cfg, lr=_lr(float(e), b)), st)
         z0, dz = st0.logits, st.logits - st0.logits  # per state (R, M, T, V)
         ex = theory.exact_entropy_change(z0, dz)
-        res1.append(np.mean(np.abs(ex - theory.entropy_change_first_order(z0, dz))))
+        first = theory.entropy_change_first_order(z0, dz)
+        res1.append(np.mean(np.abs(ex - first)))
         res2.append(np.mean(np.abs(ex - theory.entropy_change_second_order(z0, dz))))
-        r2_by.append(_r2(ex, theory.entropy_change_first_order(z0, dz)))
+        r2_by.append(_r2(ex, first))
     res1, res2 = np.array(res1), np.array(res2)
     small = slice(0, 5)  # the asymptotic regime: the five smallest step sizes
     summary = {
@@ -342,13 +352,11 @@ def rules(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, steps
                            progress=progress and f"rules {name}")
     G = base.group_size
     summary: dict = {"config": {"bandit": repr(b), "base": repr(base)}, "results": {}}
-    table = [["rule", "final entropy", "final reward", f"final pass@{G}", "mean reward (AUC)",
-              "ratio-clip frac"]]
+    table = [_outcome_header("rule", G) + ["ratio-clip frac"]]
     for name, h in hist.items():
         res = _outcome(h, G) | {"ratio_clip_frac": _final(h, "ratio_clip_frac")}
         summary["results"][name] = res
-        table.append([name, _pm(*res["entropy"]), _pm(*res["reward"]), _pm(*res[f"pass_at_{G}"]),
-                      _pm(*res["reward_auc"]), f"{res['ratio_clip_frac'][0]:.3f}"])
+        table.append(_outcome_cells(name, res, G) + [f"{res['ratio_clip_frac'][0]:.3f}"])
     plt = _plt()
     fig, ax = plt.subplots(1, 3, figsize=(18, 5), layout="constrained")
     for i, (name, h) in enumerate(hist.items()):
@@ -453,14 +461,12 @@ def shaping(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, ste
             for name, spec in SHAPING_CONFIGS.items()}
     G = base.group_size
     summary: dict = {"results": {}}
-    table = [["method", "final entropy", "final reward", f"final pass@{G}", "mean reward (AUC)",
-              "entropy first/last position"]]
+    table = [_outcome_header("method", G) + ["entropy first/last position"]]
     for name, h in hist.items():
         prof = h.curves["entropy_by_pos"][-10:].mean(axis=(0, 1))  # (T,)
         res = _outcome(h, G) | {"entropy_by_position": prof.tolist(), "plateau_step": h.plateau_step}
         summary["results"][name] = res
-        table.append([name, _pm(*res["entropy"]), _pm(*res["reward"]), _pm(*res[f"pass_at_{G}"]),
-                      _pm(*res["reward_auc"]), f"{prof[0]:.3f} / {prof[-1]:.3f}"])
+        table.append(_outcome_cells(name, res, G) + [f"{prof[0]:.3f} / {prof[-1]:.3f}"])
     plt = _plt()
     fig, ax = plt.subplots(1, 3, figsize=(18, 5), layout="constrained")
     for i, (name, h) in enumerate(hist.items()):

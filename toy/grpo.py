@@ -44,9 +44,15 @@ from theory.rules import Rule, TokenBatch, make_rule
 
 from .bandit import Bandit, sample_tokens
 
-__all__ = ["GRPOConfig", "ToyState", "init_state", "step", "policy_features"]
+__all__ = ["GRPOConfig", "ToyState", "init_state", "step", "policy_features", "is_diagnostic"]
 
-CHEAP_KEYS = ("reward", "accuracy", "pass_at_1", "entropy", "entropy_pos", "entropy_neg")
+#: keys :func:`step` returns only with ``diagnostics=True`` (prefixes; every other key comes every step)
+DIAGNOSTIC_KEYS = ("dH_", "quad_", "rule/", "s_star_mean", "dev_mean", "param_step_norm")
+
+
+def is_diagnostic(key: str) -> bool:
+    """Whether :func:`step` returns ``key`` only with ``diagnostics=True``."""
+    return key.startswith(DIAGNOSTIC_KEYS)
 
 
 @dataclass(frozen=True)
@@ -244,16 +250,16 @@ def _softmax_parts(z: np.ndarray, work: dict[str, np.ndarray]):
 # --------------------------------------------------------------------------------------------------
 
 
-def _draw(state: ToyState, M: int, T: int, G: int, need_noise: bool):
-    """Every uniform a step needs, one call per run: tokens ``(R, M, T, G)``, rewards ``(R, M, G)``,
-    rule noise ``(R, M*G, T)`` (or None)."""
+def _draw(state: ToyState, M: int, T: int, G: int):
+    """Every uniform a step needs, one call per run: tokens ``(R, M, T, G)``, rewards ``(R, M, G)`` and
+    rule noise ``(R, M*G, T)``. The noise is drawn even without a rule: every configuration sees the same
+    samples (common random numbers), so a rule that changes nothing reproduces plain GRPO exactly."""
     n_tok, n_rew = M * T * G, M * G
-    n = n_tok + n_rew + (M * G * T if need_noise else 0)
-    u = np.stack([g.random(n) for g in state.rngs])  # (R, n)
+    u = np.stack([g.random(n_tok + n_rew + M * G * T) for g in state.rngs])  # (R, n)
     R = u.shape[0]
     u_tok = u[:, :n_tok].reshape(R, M, T, G)
     u_rew = u[:, n_tok : n_tok + n_rew].reshape(R, M, G)
-    noise = u[:, n_tok + n_rew :].reshape(R, M * G, T) if need_noise else None
+    noise = u[:, n_tok + n_rew :].reshape(R, M * G, T)
     return u_tok, u_rew, noise
 
 
@@ -278,9 +284,9 @@ def step(
     """One GRPO/REINFORCE step for every run (updates ``state`` in place).
 
     Returns per-run diagnostics: arrays of shape ``(R,)`` (``entropy_by_pos`` is ``(R, T)``). The cheap
-    keys (:data:`CHEAP_KEYS`, ``pass_at_G``, ``entropy_by_pos``, ``keep_frac``, ``ratio_clip_frac``)
-    are always present; ``diagnostics=True`` adds the theory-vs-exact keys documented in the README
-    ("Toy diagnostics") and the rule's metrics (``rule/<name>``).
+    keys (reward, accuracy, pass@k, entropies, ``keep_frac``, ``ratio_clip_frac``) are always present;
+    ``diagnostics=True`` adds the theory-vs-exact keys documented in the README and the rule's metrics
+    (``rule/<name>``) — the keys :func:`is_diagnostic` names.
     """
     table = bandit.correct_table() if table is None else table
     M, T, V = bandit.shape
@@ -293,22 +299,13 @@ def step(
     need_stats = diagnostics or rule is not None
 
     # --- rollout: per-run streams, so a run does not depend on the others ----------------------------
-    # noise is drawn even without a rule: every configuration sees the same samples (common random
-    # numbers), so a rule that changes nothing reproduces plain GRPO exactly
-    u_tok, u_rew, noise = _draw(state, M, T, G, need_noise=True)
+    u_tok, u_rew, noise = _draw(state, M, T, G)
     work = _workspace(state, z0)
     s0, e0, Z0, logZ0 = _softmax_parts(z0, work)  # z - max z, exp of it (unnormalised p), sum, log sum
     tokens = np.moveaxis(sample_tokens(e0, u_tok), -1, 2)  # (R, M, G, T)
     flat = _flat_index(tokens, V)
-    hit = table[np.arange(M)[:, None, None], np.arange(T)[None, None, :], tokens]  # (R, M, G, T)
-    need = T if bandit.need is None else bandit.need
-    correct = hit.sum(axis=-1) >= need  # (R, M, G)
-    if bandit.reward == "bernoulli":
-        rewards = (u_rew < np.where(correct, bandit.p_correct, 1.0 - bandit.p_correct)).astype(np.float64)
-    elif bandit.reward == "pm1":
-        rewards = np.where(correct, 1.0, -1.0)
-    else:
-        rewards = correct.astype(np.float64)
+    correct = bandit.score(tokens, table)  # (R, M, G)
+    rewards = bandit.rewards(correct, u_rew)
     adv_seq = _advantages(bandit, cfg, state, rewards)  # (R, M, G)
 
     # --- token statistics under the behaviour policy (theory functions) ------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 from theory.rules import StageDetector
 
 from .bandit import Bandit
-from .grpo import GRPOConfig, init_state, step
+from .grpo import GRPOConfig, init_state, is_diagnostic, step
 from .progress import Progress
 
 __all__ = ["History", "train", "mean_ci", "t_quantile_975"]
@@ -111,7 +111,7 @@ def train(
             do_diag = diag_every > 0 and s % diag_every == 0
             d = step(bandit, cfg, state, table=table, diagnostics=do_diag)
             for k, v in d.items():
-                (rows if not do_diag or k in _cheap(d, bandit) else drows).setdefault(k, []).append(v)
+                (drows if do_diag and is_diagnostic(k) else rows).setdefault(k, []).append(v)
             if do_diag:
                 dsteps.append(s)
             stage = detector.update(stage, float(d["entropy"].mean()), float(d["accuracy"].mean()))
@@ -125,11 +125,3 @@ def train(
             "bandit": repr(bandit), "config": repr(cfg), "wall_s": round(wall, 3)}
     return History(np.arange(steps), curves, np.asarray(dsteps, dtype=np.int64), diag,
                    np.asarray(plateau), stage.plateau_step, wall, meta)
-
-
-def _cheap(d: dict, bandit: Bandit) -> set[str]:
-    """Keys :func:`toy.grpo.step` returns on every step (not only with diagnostics)."""
-    return {k for k in d if not (k.startswith(("dH_", "quad_", "rule/")) or k in _DIAG_ONLY)}
-
-
-_DIAG_ONLY = {"s_star_mean", "dev_mean", "param_step_norm"}
