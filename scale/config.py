@@ -69,9 +69,15 @@ __all__ = [
     "validate_distributed",
 ]
 
-#: dtypes the trainer accepts: scale.models' three plus float64 (loaded in float32, then converted; for
-#: precise theory checks on CPU).
-TRAIN_DTYPES = ("float32", "float64", "bfloat16", "float16")
+#: dtypes the trainer accepts: float32; bfloat16 = mixed precision (float32 master weights, the forwards
+#: under ``torch.autocast(bfloat16)``, as TRL's ``bf16=True``); float64 (loaded in float32, then
+#: converted; for precise theory checks on CPU). float16 is not offered: it needs loss scaling.
+TRAIN_DTYPES = ("float32", "float64", "bfloat16")
+
+#: sequences per forward/backward on a CPU when ``optim.micro_batch`` is 0 (auto): bounds the activation
+#: memory (BENCHMARKS.md: the 8 x 4 x 32 SmolLM2 step peaks at 3.0 GiB RSS). On a GPU auto is the whole
+#: minibatch share (with activation checkpointing it fits; small micro-batches waste the GPU).
+AUTO_MICRO_BATCH = 8
 
 
 class ConfigError(ValueError):
@@ -92,18 +98,20 @@ class ModelConfig:
 
     Attributes:
         name: a scale.models name ('tiny', 'smollm2-135m') or a local Hugging Face causal-LM directory.
-        dtype: parameter dtype: float32 (CPU default), bfloat16 (GPUs), float16, or float64 (loaded in
-            float32 and converted; for exact theory checks on CPU).
+        dtype: float32 (CPU default); bfloat16 (GPUs): mixed precision, float32 master weights and
+            optimizer state, forwards under torch.autocast(bfloat16), diagnostics in float32; or
+            float64 (loaded in float32 and converted; for exact theory checks on CPU).
         device: torch device: cpu, cuda, cuda:1, ...
         cache_dir: folder of converted models (scale.models; default: $ENTDYN_CACHE/models).
-        chunk_size: tokens per lm_head chunk in the token statistics (memory: a few chunk_size x V floats).
+        chunk_size: tokens per lm_head chunk in the token statistics (memory: a few chunk_size x V floats;
+            256 x 49152 float32 = 50 MB each).
     """
 
     name: str = field(default="tiny", metadata={"flag": "model"})
     dtype: str = "float32"
     device: str = "cpu"
     cache_dir: str | None = None
-    chunk_size: int = 1024
+    chunk_size: int = 256
 
 
 @dataclass
@@ -136,7 +144,10 @@ class RolloutConfig:
         top_p: nucleus sampling (1 = off). Scores use the untruncated softmax, as TRL and verl do.
         top_k: top-k sampling (0 = off).
         advantages: a theory.ADVANTAGE_PRESETS name: reference, verl, trl or dr_grpo.
-        score_batch: sequences per no-grad forward (behaviour log-probs, diagnostics).
+        score_batch: sequences per no-grad forward (diagnostics, rescore, reference model, eval).
+        rescore: take log pi_old, H, S* and E_p[S] from a separate no-grad forward of the sampled
+            sequences (the training forward's code) instead of the sampler's own logits (default:
+            the sampler's, no extra forward; they differ by rounding, more so under bfloat16).
     """
 
     prompts: int = 8
@@ -148,6 +159,7 @@ class RolloutConfig:
     top_k: int = 0
     advantages: str = "reference"
     score_batch: int = 64
+    rescore: bool = False
 
 
 @dataclass
@@ -180,9 +192,12 @@ class OptimConfig:
         min_lr_ratio: final lr / peak lr of the linear and cosine schedules.
         ppo_epochs: mu, passes over each step's batch (ratios differ from 1 after the first update).
         minibatches: optimizer updates per epoch; P x G sequences must split evenly.
-        micro_batch: sequences per forward/backward inside a minibatch (0 = the whole minibatch); with
-            several processes, per process (0 = the process's 1/W share); gradients accumulate with the
-            minibatch's global normaliser, so the update does not depend on it.
+        micro_batch: sequences per forward/backward inside a minibatch; with several processes, per
+            process. 0 = auto: on a CPU 8, or the whole minibatch (the process's 1/W share) if smaller,
+            the last micro-batch taking the remainder; on a GPU the whole share. Gradients accumulate
+            with the minibatch's global normaliser, so the update does not depend on it.
+        grad_checkpointing: activation checkpointing of the decoder layers in the training forward
+            (one more forward per update, far less memory; TRL's default too). Same gradients.
     """
 
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -198,6 +213,7 @@ class OptimConfig:
     ppo_epochs: int = 1
     minibatches: int = 1
     micro_batch: int = 0
+    grad_checkpointing: bool = True
 
 
 @dataclass
@@ -290,10 +306,12 @@ class TrainConfig:
         """Sequences per optimizer update."""
         return self.n_seqs // self.optim.minibatches
 
-    @property
-    def micro_batch_size(self) -> int:
-        """Sequences per forward/backward."""
-        return self.optim.micro_batch or self.minibatch_size
+    def micro_batch_size(self, world: int = 1) -> int:
+        """Sequences per forward/backward on one of ``world`` processes (``optim.micro_batch``, 0 = auto)."""
+        share = self.minibatch_size // world
+        if self.optim.micro_batch:
+            return self.optim.micro_batch
+        return share if self.model.device.startswith("cuda") else min(AUTO_MICRO_BATCH, share)
 
     @property
     def updates_per_step(self) -> int:

@@ -45,13 +45,17 @@ key                                meaning
 ``rule/<name>``                    the rule's metrics (fractions in [0, 1]; composed rules are
                                    ``rule/<rule>/<name>``)
 ``loss/total``                     the loss, mean over the step's optimizer updates
-``loss/policy``                    its clipped-surrogate part (mean over loss calls)
-``loss/kept_frac``                 tokens the rule kept / tokens (mean over loss calls)
+``loss/policy``                    its clipped-surrogate part (the minibatch's, over all its
+                                   micro-batches and processes; mean over updates)
+``loss/kept_frac``                 tokens the rule kept / tokens (per minibatch; mean over updates)
 ``clip/low_frac``, ``clip/high_frac``, ``clip/dual_frac``
                                    fraction of kept tokens whose PPO ratio was clipped (A < 0 below
-                                   ``1 - clip_low``; A > 0 above ``1 + clip_high``; dual clip), mean over
-                                   loss calls; 0 with one epoch and one minibatch (ratio == 1)
-``ratio/mean``                     mean ratio ``pi / pi_old`` over kept tokens (mean over loss calls)
+                                   ``1 - clip_low``; A > 0 above ``1 + clip_high``; dual clip), per
+                                   minibatch, mean over updates; ~0 with one epoch and one minibatch
+                                   (ratio 1 up to the sampler-vs-training-forward rounding, exactly 1
+                                   with ``rollout.rescore``)
+``ratio/mean``                     mean ratio ``pi / pi_old`` over kept tokens (per minibatch; mean
+                                   over updates)
 ``kl/approx``                      mean k3 estimate of ``KL(pi_old || pi)`` over kept tokens
 ``kl/ref``                         mean k3 estimate of ``KL(pi || pi_ref)`` (only when ``kl_beta > 0``)
 ``grad_norm``, ``grad_norm/max``   global gradient norm before clipping: mean and max over updates
@@ -61,8 +65,10 @@ key                                meaning
 ``len/truncated_frac``             fraction of responses that hit ``max_new_tokens`` without an eos
 ``stage/plateau``                  1 once the stage detector has declared the plateau, else 0
 ``stage/plateau_step``             the step it did so (null before)
-``theory/dH_measured``             (diagnostic steps) mean over tokens of ``H_after - H_before``, the same
-                                   prompts and sampled positions re-scored after the step's update
+``theory/dH_measured``             (diagnostic steps) mean over tokens of ``H_after - H_before``, both
+                                   from a float32 no-grad forward of the same prompts and sampled
+                                   positions, before and after the step's updates (summed per token,
+                                   so no cancellation of two large sums)
 ``theory/dH_tabular``              mean over tokens of the (E6) prediction ``-alpha_t (S*_t - E_p[S]_t)``
                                    with ``alpha_t = -lr c dL/dlog p_t`` summed over the step's updates
                                    (``c`` = the grad-clip factor); for an unclipped token this is
@@ -77,7 +83,9 @@ key                                meaning
 ``eval/avg@k``, ``eval/pass@1``, ``eval/pass@k``, ``eval/maj@1``, ``eval/maj@k``
                                    held-out metrics (:func:`scale.grading.evaluate_samples`), on eval steps
 ``time/step_s``, ``time/rollout_s``, ``time/score_s``, ``time/train_s``, ``time/diag_s``,
-``time/eval_s``                    wall time of the step and its phases (diag = the diagnostics' cost)
+``time/eval_s``                    wall time of the step and its phases (diag = the diagnostics' cost;
+                                   score = the behaviour-statistics forward, ~0 unless
+                                   ``rollout.rescore``, or the reference model's)
 ``tokens_per_s``                   response tokens / step time
 ``mem/peak_gb``                    peak RSS of the process (CPU) or peak CUDA memory allocated this step
 =================================  ======================================================================

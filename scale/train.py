@@ -3,19 +3,24 @@ r"""GRPO fine-tuning with entropy-dynamics diagnostics: ``entdyn train`` / ``pyt
 One step, top to bottom (the numbered sections of :func:`train`):
 
 1. **rollout**: ``P`` training prompts (a seeded permutation per data epoch) x ``G`` samples each, one
-   batched ``generate`` with the KV cache and left padding (:mod:`scale.rollout`);
+   batched KV-cache decode loop that prefills each prompt once and records the behaviour statistics
+   while it samples (:mod:`scale.rollout`);
 2. **rewards and advantages**: :class:`scale.grading.SafeReward` (a raising reward function gives 0 and
    is counted; ``task.strict_reward`` makes it fatal), then :func:`theory.grpo_advantages` per group;
-3. **behaviour statistics**: a no-grad forward over the sampled sequences gives, per response token,
-   ``log pi_old``, the entropy ``H``, ``S*`` and ``E_p[S]`` (:mod:`scale.token_stats`, chunked over
-   the vocabulary, never the full logits); with ``kl_beta > 0`` also the frozen reference's log-probs;
+3. **behaviour statistics**: per response token ``log pi_old``, the entropy ``H``, ``S*`` and
+   ``E_p[S]`` of the sampling distribution, from the sampler's logits (``rollout.rescore``: from a
+   no-grad forward instead, :mod:`scale.token_stats`, chunked over the vocabulary); with
+   ``kl_beta > 0`` also the frozen reference's log-probs;
 4. **rule**: a :class:`theory.rules.TokenBatch` of the whole batch goes through the configured rule once;
 5. **update**: ``ppo_epochs`` passes over ``minibatches`` minibatches (one AdamW/SGD update each;
-   micro-batches accumulate gradients with the minibatch's normaliser), :func:`scale.loss.grpo_loss`
+   micro-batches accumulate gradients with the minibatch's normaliser; each forward runs a prompt once
+   for all its samples, :func:`scale.rollout.forward_hidden`, with activation checkpointing),
+   :func:`scale.loss.grpo_loss`
    being the one place the rule output meets the loss; global grad-norm clipping; lr schedule with
    warmup. A non-finite loss or gradient norm stops the run before the update is applied;
 6. **diagnostics** (every ``diag_every`` steps): the measured entropy change of the update on the same
-   tokens, its tabular (E6) and network-level (JVP) first-order predictions;
+   tokens (a float32 no-grad forward before and after it), its tabular (E6) and network-level (JVP)
+   first-order predictions;
 7. **stage detector**, **eval** (every ``eval_every`` steps), **logging**, **samples**, **checkpoint**
    (:mod:`scale.checkpoint`).
 
@@ -40,14 +45,20 @@ What is simplified, and why:
   and the toy use).
 * Minibatches are contiguous slices of the batch (whole prompt groups when the size allows), not
   reshuffled per epoch.
-* The model stays in ``eval()`` mode (dropout off), so before the first update ``pi == pi_old`` exactly
-  and the ratio is 1 to the last bit.
+* The model stays in ``eval()`` mode (dropout off). ``log pi_old`` is what the sampler computed, so
+  before the first update the ratio is 1 up to the rounding difference between the decode loop and the
+  training forward (about 1e-6 in float32, 1e-2 under bfloat16; ``rollout.rescore`` makes it 1 to the
+  last bit at the price of one more forward).
+* Mixed precision (``model.dtype = bfloat16``) keeps float32 parameters, gradients and AdamW state and
+  runs rollout, scoring and training forwards under ``torch.autocast(bfloat16)``; the lm_head statistics
+  stay float32 (:mod:`scale.token_stats`), and the diagnostics run in float32.
 * No vLLM, no sequence packing, no FSDP: this is a reference trainer for CPUs and GPUs. Several
   processes (``torchrun --nproc_per_node N -m scale.train ...``) train data-parallel
   (:mod:`scale.distributed`): every process samples the whole step's rollout (replicated, so the batch
-  is the 1-process batch), scores and trains on its ``1/N`` of every minibatch, all-gathers the token
-  statistics so the rule runs once on the global batch, and sums gradients over processes with the
-  global normaliser; the result equals the 1-process run to rounding (``tests/test_scale_distributed.py``).
+  is the 1-process batch, with its behaviour statistics), so the rule runs once on the global batch;
+  each trains on its ``1/N`` of every minibatch (with ``rollout.rescore`` or the diagnostics it also
+  scores its rows and all-gathers them), and gradients are summed over processes with the global
+  normaliser; the result equals the 1-process run to rounding (``tests/test_scale_distributed.py``).
   Rank 0 alone writes the run directory.
 
 Reproducibility: sampling is seeded per step from ``(seed, step)``, the rule's noise and the eval
@@ -59,6 +70,7 @@ parameters and metrics (timings aside) as an uninterrupted run, bit for bit on C
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -170,14 +182,22 @@ def _load_model(cfg: TrainConfig):
     m = cfg.model
     if m.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("model.device", f": {m.device!r} requested but CUDA is not available")
-    load_dtype = "float32" if m.dtype == "float64" else m.dtype
+    # always float32 parameters: float64 converts below, bfloat16 keeps float32 master weights (_autocast)
     model, tok = load_model(
-        m.name, dtype=load_dtype, device=m.device, seed=cfg.run.seed, cache_dir=m.cache_dir
+        m.name, dtype="float32", device=m.device, seed=cfg.run.seed, cache_dir=m.cache_dir
     )
     if m.dtype == "float64":
         model = model.to(torch.float64)
     model.eval()  # dropout off throughout (see the module docstring)
     return model, tok
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    """The forwards' precision context: ``torch.autocast(bfloat16)`` for ``model.dtype = bfloat16`` (the
+    parameters, gradients and optimizer state stay float32), else a no-op."""
+    if cfg.model.dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -203,8 +223,12 @@ def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
     o = cfg.optim
     if o.optimizer == "sgd":
         return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
+    # fused: one kernel per parameter and no temporaries the size of the model (what TRL's default
+    # adamw_torch_fused uses); CPU and CUDA both have it for float32 / float64 parameters
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64)
+                for p in params)  # fmt: skip
     return torch.optim.AdamW(
-        params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+        params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, fused=fused or None
     )
 
 
@@ -468,11 +492,12 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
             idx, data_epoch, data_pos = _next_prompts(len(task.train), P, seed, data_epoch, data_pos)
             problems = [task.train[i] for i in idx]
             torch.manual_seed(_seed(seed, step, 0))
-            ro = sample(
-                model, tok, [format_prompt(p, tok) for p in problems], group_size=G,
-                max_new_tokens=ro_cfg.max_new_tokens, min_new_tokens=ro_cfg.min_new_tokens,
-                temperature=tau, top_p=ro_cfg.top_p, top_k=ro_cfg.top_k,
-            )  # fmt: skip
+            with _autocast(cfg, device):
+                ro = sample(
+                    model, tok, [format_prompt(p, tok) for p in problems], group_size=G,
+                    max_new_tokens=ro_cfg.max_new_tokens, min_new_tokens=ro_cfg.min_new_tokens,
+                    temperature=tau, top_p=ro_cfg.top_p, top_k=ro_cfg.top_k, stats=not ro_cfg.rescore,
+                )  # fmt: skip
             mask, T = ro.mask, ro.response.shape[1]  # (N, T)
             _sync(device)
             t_rollout = time.perf_counter()
@@ -498,13 +523,19 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
             m["reward/errors"], m["reward/errors_total"] = reward.n_errors - n_err, errors_total
             m["adv/abs_mean"] = adv_seq.abs().mean()
 
-            # ---- 3. behaviour statistics (no grad): log pi_old, H, S*, E_p[S] ---------------------
-            # (several processes: each scores its rows, then the rows are all-gathered: global statistics)
-            old = _score_rows(model, ro, own, dd, cfg, temperature=tau, chunk_size=chunk, s_star=True,
-                              baseline=True)  # fmt: skip
+            # ---- 3. behaviour statistics: log pi_old, H, S*, E_p[S] ----------------------------------
+            # the sampler's own (every process sampled the whole batch), or with rollout.rescore a no-grad
+            # forward (several processes: each scores its rows, then the rows are all-gathered)
+            if ro.behaviour is not None:
+                old = ro.behaviour
+            else:
+                with _autocast(cfg, device):
+                    old = _score_rows(model, ro, own, dd, cfg, temperature=tau, chunk_size=chunk, s_star=True,
+                                      baseline=True)  # fmt: skip
             ref_logp = None
             if ref is not None:
-                ref_logp = _score_rows(ref, ro, own, dd, cfg, temperature=tau, chunk_size=chunk).logp
+                with _autocast(cfg, device):
+                    ref_logp = _score_rows(ref, ro, own, dd, cfg, temperature=tau, chunk_size=chunk).logp
             dev = old.s_star - old.baseline  # (N, T) S* - E_p[S]
             _sync(device)
             t_score = time.perf_counter()
@@ -527,15 +558,17 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
             # ---- 5. PPO epochs over minibatches ---------------------------------------------------
             diag = cfg.diag.diag_every > 0 and step % cfg.diag.diag_every == 0
             t_diag = 0.0
-            if diag:
+            if diag:  # the statistics before the update, in float32, by the same forward as after it
                 td = time.perf_counter()
+                before = _score_rows(model, ro, own, dd, cfg, temperature=tau, chunk_size=chunk, s_star=True,
+                                     baseline=True)  # fmt: skip
                 theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
                 alpha = torch.zeros_like(old.logp)  # (N, T) summed SGD-equivalent logit step sizes
                 t_diag += time.perf_counter() - td
             mb = cfg.minibatch_size
-            micro = opt.micro_batch or mb // dd.world  # sequences per forward on this process
+            micro = cfg.micro_batch_size(dd.world)  # sequences per forward on this process
             sums: dict[str, torch.Tensor] = {}
-            n_calls, losses, norms = 0, [], []
+            n_updates, losses, norms = 0, [], []
             for epoch in range(opt.ppo_epochs):
                 for k in range(opt.minibatches):
                     rows = slice(k * mb, (k + 1) * mb)
@@ -544,10 +577,11 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
                     loss_sum, grads, part = torch.zeros((), device=device), [], {}
                     mine = own[k] if own is not None else rows
                     for s in range(mine.start, mine.stop, micro):
-                        r = slice(s, s + micro)
-                        st = score(
-                            model, ro.rows(r), temperature=tau, chunk_size=chunk, entropy_grad=entropy_grad
-                        )
+                        r = slice(s, min(s + micro, mine.stop))
+                        with _autocast(cfg, device):
+                            st = score(model, ro.rows(r), temperature=tau, chunk_size=chunk,
+                                       entropy_grad=entropy_grad,
+                                       checkpoint=opt.grad_checkpointing)  # fmt: skip
                         if diag:
                             st.logp.retain_grad()
                         loss, lm = grpo_loss(
@@ -560,17 +594,13 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
                         if diag:
                             grads.append((r, st.logp.grad.detach()))
                         loss_sum = loss_sum + loss.detach()
-                        if dd.enabled:  # token-weighted partial sums, reduced per minibatch below
-                            for key, v in _metric_parts(lm, mask[r], rule_out, r).items():
-                                part[key] = part[key] + v if key in part else v
-                            continue
-                        for key, v in lm.items():
-                            sums[key] = sums[key] + v if key in sums else v
-                        n_calls += 1
-                    if dd.enabled:  # the minibatch's metrics over every process's tokens
-                        for key, v in _reduce_metric_parts(part, mask[rows], mb_out, dd).items():
-                            sums[key] = sums[key] + v if key in sums else v
-                        n_calls += 1
+                        # token-weighted partial sums, reduced per minibatch below
+                        for key, v in _metric_parts(lm, mask[r], rule_out, r).items():
+                            part[key] = part[key] + v if key in part else v
+                    # the minibatch's metrics over all its tokens (every process's, every micro-batch's)
+                    for key, v in _reduce_metric_parts(part, mask[rows], mb_out, dd).items():
+                        sums[key] = sums[key] + v if key in sums else v
+                    n_updates += 1
                     all_reduce_grads(params, dd)  # sum over processes = the 1-process gradient
                     loss_sum = all_reduce_sum(loss_sum, dd)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -596,15 +626,15 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
                 alpha = all_reduce_sum(alpha, dd)  # each process filled its own rows, zeros elsewhere
             norms_t = torch.stack(norms)
             m["loss/total"] = torch.stack(losses).mean()
-            m["loss/policy"] = sums["policy_loss"] / n_calls
-            m["loss/kept_frac"] = sums["kept_frac"] / n_calls
-            m["clip/low_frac"] = sums["clip_frac_low"] / n_calls
-            m["clip/high_frac"] = sums["clip_frac_high"] / n_calls
-            m["clip/dual_frac"] = sums["clip_frac_dual"] / n_calls
-            m["ratio/mean"] = sums["ratio_mean"] / n_calls
-            m["kl/approx"] = sums["approx_kl"] / n_calls
+            m["loss/policy"] = sums["policy_loss"] / n_updates
+            m["loss/kept_frac"] = sums["kept_frac"] / n_updates
+            m["clip/low_frac"] = sums["clip_frac_low"] / n_updates
+            m["clip/high_frac"] = sums["clip_frac_high"] / n_updates
+            m["clip/dual_frac"] = sums["clip_frac_dual"] / n_updates
+            m["ratio/mean"] = sums["ratio_mean"] / n_updates
+            m["kl/approx"] = sums["approx_kl"] / n_updates
             if "ref_kl" in sums:
-                m["kl/ref"] = sums["ref_kl"] / n_calls
+                m["kl/ref"] = sums["ref_kl"] / n_updates
             m["grad_norm"], m["grad_norm/max"] = norms_t.mean(), norms_t.max()
             m["lr"] = lr_now
             _sync(device)
@@ -615,15 +645,17 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
             if diag:
                 td = time.perf_counter()
                 after = _score_rows(model, ro, own, dd, cfg, temperature=tau, chunk_size=chunk)
-                m["theory/dH_measured"] = (after.entropy.sum() - old.entropy.sum()) / n_tok
-                dh_tab = torch.where(mask, -alpha * dev, 0.0)  # (N, T) (E6) per token
+                # per-token differences summed (not a difference of two sums: no cancellation)
+                m["theory/dH_measured"] = (after.entropy - before.entropy).sum() / n_tok
+                dev0 = before.s_star - before.baseline
+                dh_tab = torch.where(mask, -alpha * dev0, 0.0)  # (N, T) (E6) per token
                 m["theory/dH_tabular"] = dh_tab.sum() / n_tok
-                quad = theory.quadrant(adv_eff, dev)
+                quad = theory.quadrant(adv_eff, dev0)
                 for q, name in enumerate(theory.QUADRANTS):
                     m[f"theory/dH_tabular/{name}"] = torch.where(quad == q, dh_tab, 0.0).sum() / n_tok
                 if cfg.diag.jvp:
                     m["theory/dH_jvp"] = all_reduce_sum(_entropy_jvp(model, ro, theta0, cfg, own), dd) / n_tok
-                del theta0
+                del theta0, before, after
                 _sync(device)
                 t_diag += time.perf_counter() - td
 
@@ -744,11 +776,12 @@ def _evaluate(model, tok, problems: Sequence, cfg: TrainConfig, step: int) -> di
         torch.manual_seed(_seed(cfg.run.seed, step, 2))
         for s in range(0, len(problems), per_call):
             chunk = problems[s : s + per_call]
-            ro = sample(
-                model, tok, [format_prompt(p, tok) for p in chunk], group_size=k,
-                max_new_tokens=ro_cfg.max_new_tokens, temperature=ev.eval_temperature,
-                top_p=ro_cfg.top_p, top_k=ro_cfg.top_k,
-            )  # fmt: skip
+            with _autocast(cfg, device):
+                ro = sample(
+                    model, tok, [format_prompt(p, tok) for p in chunk], group_size=k,
+                    max_new_tokens=ro_cfg.max_new_tokens, temperature=ev.eval_temperature,
+                    top_p=ro_cfg.top_p, top_k=ro_cfg.top_k, stats=False,
+                )  # fmt: skip
             completions += [ro.completions[i * k : (i + 1) * k] for i in range(len(chunk))]
     res = evaluate_samples(problems, completions, ks=sorted({1, k}), timeout_s=cfg.task.grade_timeout_s)
     return {f"eval/{key}": value for key, value in res.as_dict().items()}
