@@ -12,6 +12,7 @@ diagnostics (gathered after-update entropies, the summed JVP) run on every step.
 from __future__ import annotations
 
 import math
+import os
 import socket
 from pathlib import Path
 
@@ -168,3 +169,45 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     p_res, p_full = _params(resumed), _params(full)
     assert all(torch.equal(p_res[k], p_full[k]) for k in p_full)
     assert _rows(resumed) == _rows(full)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_equal_one_process(tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2 -m scale.train`` (accelerate's torchrun launcher;
+    on a machine without GPUs the trainer picks gloo) gives the 1-process run's parameters and metrics."""
+    import subprocess
+    import sys
+
+    from scale.train import train
+
+    accelerate = Path(sys.executable).parent / "accelerate"
+    if not accelerate.exists():
+        pytest.skip("accelerate is not installed")
+    flags = ["--model", "tiny", "--task", TASK, "--prompts", "2", "--group-size", "4",
+             "--max-new-tokens", "8", "--lr", "1e-3", "--minibatches", "2", "--micro-batch", "2",
+             "--rule", RULES["clip_cov"], "--steps", "2", "--diag-every", "1", "--threads", "1",
+             "--no-tensorboard", "--dtype", "float64", "--samples-per-step", "0",
+             "--save-every", "0"]  # fmt: skip
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "scale.train", *flags, "--out", str(tmp_path / "acc")]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from scale.config import parse_args
+
+    n = torch.get_num_threads()
+    try:
+        train(parse_args([*flags, "--out", str(tmp_path / "one"), "--progress", "off"]))
+    finally:
+        torch.set_num_threads(n)
+    p1, p2 = _params(tmp_path / "one"), _params(tmp_path / "acc")
+    for key in p1:
+        torch.testing.assert_close(p2[key], p1[key], rtol=1e-9, atol=1e-12, msg=key)
+    r1, r2 = _rows(tmp_path / "one"), _rows(tmp_path / "acc")
+    assert [r["step"] for r in r2] == [1, 2]
+    for a, b in zip(r1, r2, strict=True):
+        keys = [k for k in a if k.startswith("rule/")] + ["loss/policy", "theory/dH_measured", "entropy"]
+        assert len(keys) > 3
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], rel=1e-9, abs=1e-12), k
