@@ -297,13 +297,24 @@ def test_configs_that_fail_when_the_run_starts_name_the_field(tmp_path):
     assert err.value.field == "task.spec"
 
 
-def test_half_precision_model_runs_on_cpu(tmp_path):
-    """The bfloat16 code paths (float32 logits in token_stats and in the JVP) on the CPU."""
-    cfg = make_cfg(tmp_path, model={"dtype": "bfloat16"}, diag={"diag_every": 1}, run={"steps": 1})
+def test_bfloat16_mixed_precision_keeps_float32_master_weights(tmp_path):
+    """``--dtype bfloat16`` on the CPU: forwards under autocast, float32 parameters that an update far
+    below a bfloat16 rounding step still moves, float32 diagnostics."""
+    cfg = make_cfg(tmp_path, model={"dtype": "bfloat16"}, optim={"lr": 1e-7}, diag={"diag_every": 1},
+                   run={"steps": 1, "save_every": 1})  # fmt: skip
+    init = {k: v.clone() for k, v in train_mod._load_model(cfg)[0].state_dict().items()}
     train(cfg, reward_fn=text_reward)
     r = metric_rows(cfg.run.out)[-1]
     for key in ("loss/total", "entropy", "theory/dH_measured", "theory/dH_jvp", "theory/dH_tabular"):
         assert r[key] is not None and math.isfinite(r[key]), key
+    final = final_params(Path(cfg.run.out))
+    assert all(v.dtype == torch.float32 for v in final.values())
+    w = "model.layers.0.mlp.up_proj.weight"
+    moved = (final[w] != init[w]).float().mean().item()
+    # AdamW's first step moves every weight with a gradient by ~lr = 1e-7, far below bfloat16's spacing
+    # (~4e-3 relative): weights stored in bfloat16 would not move at all
+    assert moved > 0.5, moved
+    assert (final[w] - init[w]).abs().max().item() < 1e-6
 
 
 # --------------------------------------------------------------------------------------------------
