@@ -73,6 +73,8 @@ __all__ = [
 #: under ``torch.autocast(bfloat16)``, as TRL's ``bf16=True``); float64 (loaded in float32, then
 #: converted; for precise theory checks on CPU). float16 is not offered: it needs loss scaling.
 TRAIN_DTYPES = ("float32", "float64", "bfloat16")
+#: short names accepted for ``model.dtype`` (validate() replaces them by the full name)
+DTYPE_ALIASES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16"}
 
 #: sequences per forward/backward on a CPU when ``optim.micro_batch`` is 0 (auto): bounds the activation
 #: memory (BENCHMARKS.md: the 8 x 4 x 32 SmolLM2 step peaks at 3.0 GiB RSS). On a GPU auto is the whole
@@ -98,7 +100,7 @@ class ModelConfig:
 
     Attributes:
         name: a scale.models name ('tiny', 'smollm2-135m') or a local Hugging Face causal-LM directory.
-        dtype: float32 (CPU default); bfloat16 (GPUs): mixed precision, float32 master weights and
+        dtype: float32 (CPU default); bfloat16 or bf16 (GPUs): mixed precision, float32 master weights and
             optimizer state, forwards under torch.autocast(bfloat16), diagnostics in float32; or
             float64 (loaded in float32 and converted; for exact theory checks on CPU).
         device: torch device: cpu, cuda, cuda:1, ...
@@ -573,6 +575,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
     m, t, r, o, d, e, run = cfg.model, cfg.task, cfg.rollout, cfg.optim, cfg.diag, cfg.eval, cfg.run
     # model
+    m.dtype = DTYPE_ALIASES.get(m.dtype, m.dtype)  # bf16 -> bfloat16 ...
     try:
         resolve_name(m.name)
     except ValueError as err:

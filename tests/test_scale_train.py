@@ -300,7 +300,7 @@ def test_configs_that_fail_when_the_run_starts_name_the_field(tmp_path):
 def test_bfloat16_mixed_precision_keeps_float32_master_weights(tmp_path):
     """``--dtype bfloat16`` on the CPU: forwards under autocast, float32 parameters that an update far
     below a bfloat16 rounding step still moves, float32 diagnostics."""
-    cfg = make_cfg(tmp_path, model={"dtype": "bfloat16"}, optim={"lr": 1e-7}, diag={"diag_every": 1},
+    cfg = make_cfg(tmp_path, model={"dtype": "bf16"}, optim={"lr": 1e-7}, diag={"diag_every": 1},
                    run={"steps": 1, "save_every": 1})  # fmt: skip
     init = {k: v.clone() for k, v in train_mod._load_model(cfg)[0].state_dict().items()}
     train(cfg, reward_fn=text_reward)
