@@ -419,9 +419,9 @@ assert np.abs(rm - rj).sum() < 0.25 * np.abs(rm).sum()
 # On a GPU add `--device cuda --dtype bfloat16`: mixed precision, as TRL's `bf16=True` — the weights,
 # gradients and AdamW state stay float32 (so an update far below a bfloat16 rounding step still lands),
 # the forward passes run under `torch.autocast(bfloat16)`, and the diagnostics re-score in float32. On an
-# H100, 8 steps of SmolLM2 in bfloat16 gave JVP / measured $\Delta H$ between 0.52 and 1.05 (float32:
-# 0.98–1.04): the measured change is small, and the bfloat16 training forward makes the update itself
-# noisier (`BENCHMARKS.md`).
+# H100, 8 steps of SmolLM2 gave JVP / measured $\Delta H$ between 0.90 and 1.04 in bfloat16 and between
+# 0.98 and 1.04 in float32; the bfloat16 outlier is the step with the smallest $|\Delta H|$
+# (`BENCHMARKS.md`).
 #
 # ```bash
 # entdyn train --model smollm2-135m --device cuda --dtype bfloat16 --prompts 16 --group-size 8 \

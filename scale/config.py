@@ -77,7 +77,7 @@ TRAIN_DTYPES = ("float32", "float64", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16"}
 
 #: sequences per forward/backward on a CPU when ``optim.micro_batch`` is 0 (auto): bounds the activation
-#: memory (BENCHMARKS.md: the 8 x 4 x 32 SmolLM2 step peaks at 3.0 GiB RSS). On a GPU auto is the whole
+#: memory (BENCHMARKS.md: the 8 x 4 x 32 SmolLM2 step peaks at 2.9 GiB RSS). On a GPU auto is the whole
 #: minibatch share (with activation checkpointing it fits; small micro-batches waste the GPU).
 AUTO_MICRO_BATCH = 8
 

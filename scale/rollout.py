@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .token_stats import TokenStats, token_stats
+from .token_stats import TokenStats, logit_stats, token_stats
 
 __all__ = [
     "Rollout",
@@ -169,16 +169,6 @@ def filter_logits(z: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> tor
     return z
 
 
-def _step_stats(z: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``log p_k``, ``H``, ``S*`` (E2), ``E_p[S]`` (E7) of one decode step: ``z (n, V)``, ``token (n,)``."""
-    import theory
-
-    logp_all = theory.log_softmax(z)  # (n, V)
-    lp = logp_all.gather(-1, token[:, None])[:, 0]  # (n,)
-    H = theory.entropy_from_logp(logp_all)
-    return lp, H, theory.s_star(lp, H), theory.vocab_baseline(z)
-
-
 @torch.no_grad()
 def sample(
     model,
@@ -237,7 +227,7 @@ def sample(
         nxt = torch.where(done, pad, nxt)
         tokens.append(nxt)
         if stats:
-            rec.append(_step_stats(z, nxt))
+            rec.append(logit_stats(z, nxt, s_star=True, baseline=True))
         done = done | torch.isin(nxt, eos_t)
         if t + 1 == max_new_tokens or bool(done.all()):  # one host sync per step, as generate
             break

@@ -52,7 +52,7 @@ import torch
 
 import theory
 
-__all__ = ["TokenStats", "token_stats"]
+__all__ = ["TokenStats", "logit_stats", "token_stats"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,23 @@ def _take(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, k[:, None])[:, 0]
 
 
+def logit_stats(z: torch.Tensor, target: torch.Tensor, *, entropy: bool = True, s_star: bool = False,
+                baseline: bool = False) -> tuple[torch.Tensor | None, ...]:
+    """``(log p_k, H, S*, E_p[S])`` of rows of logits: ``z (n, V)``, ``target (n,)`` -> four ``(n,)`` or None.
+
+    The :mod:`theory` functions (E2, E7) on ``softmax(z)``; ``H`` is computed when ``entropy`` or
+    ``s_star`` asks for it. Shared by the chunked forward below and the sampler's per-step statistics
+    (:func:`scale.rollout.sample`). The ``(n, V)`` log-probabilities are freed before ``E_p[S]``.
+    """
+    logp_all = theory.log_softmax(z)  # (n, V)
+    lp = _take(logp_all, target)
+    H = theory.entropy_from_logp(logp_all) if (entropy or s_star) else None
+    S = theory.s_star(lp, H) if s_star else None
+    del logp_all
+    base = theory.vocab_baseline(z) if baseline else None
+    return lp, H, S, base
+
+
 class _ChunkedTokenStats(torch.autograd.Function):
     """Chunked lm_head + token statistics with per-chunk recomputation in backward (see module doc)."""
 
@@ -113,18 +130,11 @@ class _ChunkedTokenStats(torch.autograd.Function):
         for s in range(0, N, chunk_size):
             e = min(s + chunk_size, N)
             z = _chunk_logits(hidden[s:e].to(cdt), W, b, temperature)  # (c, V)
-            logp_all = theory.log_softmax(z)  # (c, V)
-            lp = _take(logp_all, target[s:e])  # (c,)
-            logp[s:e] = lp
-            if need_H:
-                h_c = theory.entropy_from_logp(logp_all)  # (c,)
-                H[s:e] = h_c
-                if want_s_star:
-                    S[s:e] = theory.s_star(lp, h_c)
-            del logp_all
-            if want_baseline:
-                base[s:e] = theory.vocab_baseline(z)
+            parts = logit_stats(z, target[s:e], entropy=need_H, s_star=want_s_star, baseline=want_baseline)
             del z
+            for out, part in zip((logp, H, S, base), parts, strict=True):
+                if out is not None:
+                    out[s:e] = part
         zero = torch.zeros((), dtype=cdt, device=hidden.device)
         outs = [torch.where(mask, x, zero) if x is not None else None for x in (logp, H, S, base)]
         ctx.save_for_backward(hidden, weight, bias, target, mask)

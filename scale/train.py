@@ -185,7 +185,7 @@ def _release_host_memory(device: torch.device) -> None:
 
     glibc keeps freed blocks for reuse, so after the rollout and each backward the process holds
     hundreds of MB it no longer uses, and the next phase's peak lands on top of them (BENCHMARKS.md:
-    peak RSS of the SmolLM2 step 3.0-3.2 GiB without, 2.9 GiB with). A few ms per call.
+    peak RSS of the SmolLM2 step 3.0-3.2 GiB without, 2.9 GiB with). About 3 ms per call.
     """
     if _TRIM is not None and device.type == "cpu":
         _TRIM(0)

@@ -52,7 +52,8 @@ def make_cfg(out: Path, rule: str):
             "rollout": {"prompts": 2, "group_size": 4, "max_new_tokens": 8},
             # micro-batches of 2 = one process's share: both runs push the same rows through each forward
             # (a prompt's prefix gradient sums its rows inside transformers' float32 RMSNorm backward, so
-            # other groupings agree only to ~1e-7; tests/test_scale_rollout.py)
+            # other groupings agree only to ~1e-7 in the gradient, ~1e-6 in the parameters after 3 steps;
+            # tests/test_scale_rollout.py, docs/scaling.md)
             "optim": {"lr": 1e-3, "minibatches": 2, "micro_batch": 2},
             "diag": {"diag_every": 1, "samples_per_step": 2},
             "run": {"steps": 2, "out": str(out), "save_every": 0, "progress": "off", "tensorboard": False,
