@@ -211,7 +211,7 @@ def test_two_steps_through_trl_log_rule_metrics(tmp_path):
 
 _DIST_SCRIPT = """
 import json, os, sys, torch
-from scale.adapters.trl import FIELD, main
+from scale.adapters.trl import FIELD, end_process_group, main
 out_dir = sys.argv[1]
 trainer = main(["--rule", "clip_b:mu=0.5", "--length_penalty", "0.01", "--output_dir", out_dir,
                 "--max_steps", "1", "--per_device_train_batch_size", "8", "--num_generations", "4",
@@ -223,6 +223,7 @@ rec = {"rank": rank, "n_kept": float(b[FIELD + "n_kept"]), "local_kept": int(b[F
        "group": b[FIELD + "group"].tolist(), "metrics": trainer.state.log_history[0]}
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump(rec, f)
+end_process_group()
 """
 
 

@@ -121,7 +121,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the TRL version
     _gather_head = None
 
-__all__ = ["LOSS_AGGREGATION", "FIELD", "EntropyRuleGRPOTrainer", "main"]
+__all__ = ["LOSS_AGGREGATION", "FIELD", "EntropyRuleGRPOTrainer", "end_process_group", "main"]
 
 #: TRL ``loss_type`` -> :class:`scale.loss.LossConfig` ``aggregation`` (the supported loss types)
 LOSS_AGGREGATION = {"dapo": "token_mean", "bnpo": "token_mean", "grpo": "seq_mean", "dr_grpo": "constant"}
@@ -605,5 +605,16 @@ def main(argv: Sequence[str] | None = None) -> Any:
     return trainer
 
 
+def end_process_group() -> None:
+    """Leave the process group (if any) before the interpreter exits: a gloo group torn down at exit can
+    abort a process ("terminate called without an active exception") while its peer still runs."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":  # pragma: no cover - exercised through the documented command
     main()
+    end_process_group()
