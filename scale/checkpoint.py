@@ -4,7 +4,8 @@ Each checkpoint directory holds
 
 =======================  =========================================================================
 ``model.safetensors``    the policy's parameters and buffers (``safetensors.torch.save_model``: tied
-                         weights are stored once and re-tied on load)
+                         weights are stored once and re-tied on load); full tensors also from an
+                         FSDP run (:func:`scale.distributed.full_model_state`)
 ``state.pt``             ``torch.save`` of the optimizer and lr-scheduler state dicts, torch's CPU
                          (and CUDA) RNG states and the rule's state (e.g. the adaptive entropy
                          coefficient); loaded with ``weights_only=True``
@@ -128,22 +129,31 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     tensor_state: dict[str, Any] | None = None,
     keep: int = 2,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically (see the module docstring); return its directory.
 
     ``trainer_state`` must be JSON-serialisable; ``tensor_state`` may hold tensors, numbers, strings,
     lists, tuples, dicts and None (what ``torch.load(weights_only=True)`` reads back).
+    ``model_state`` / ``optimizer_state``: full state dicts gathered beforehand (an FSDP run, where
+    gathering is a collective of every process and only rank 0 writes), written instead of
+    ``model``'s and ``optimizer``'s own.
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(run_dir, step)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        if model_state is not None:
+            save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"),
+                      metadata={"format": "pt"})  # fmt: skip
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
         state = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             **(tensor_state or {}),
         }
@@ -174,14 +184,25 @@ def load_checkpoint(
     scheduler: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load a checkpoint into ``model`` (and ``optimizer``, ``scheduler``); return
-    ``(trainer_state, tensor_state)`` (the JSON state and the rest of ``state.pt``)."""
-    from safetensors.torch import load_model
+    ``(trainer_state, tensor_state)`` (the JSON state and the rest of ``state.pt``).
+
+    An FSDP-sharded ``model`` (every process calls this) gets the full tensors sharded as it is
+    (:func:`scale.distributed.load_full_model_state`), its optimizer likewise."""
+    from safetensors.torch import load_file, load_model
+
+    from .distributed import is_fsdp, load_full_model_state, load_full_optimizer_state
 
     path = Path(path)
-    device = next(model.parameters()).device
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
+    sharded = is_fsdp(model)
+    if sharded:
+        load_full_model_state(model, load_file(str(path / "model.safetensors")))
+    else:
+        device = next(model.parameters()).device
+        load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    if optimizer is not None:
+    if optimizer is not None and sharded:
+        load_full_optimizer_state(model, optimizer, state.pop("optimizer"))
+    elif optimizer is not None:
         optimizer.load_state_dict(state.pop("optimizer"))
     else:
         state.pop("optimizer")

@@ -107,6 +107,9 @@ class ModelConfig:
         cache_dir: folder of converted models (scale.models; default: $ENTDYN_CACHE/models).
         chunk_size: tokens per lm_head chunk in the token statistics (memory: a few chunk_size x V floats;
             256 x 49152 float32 = 50 MB each).
+        fsdp: with several processes, shard parameters, gradients and optimizer state over them with
+            FSDP2 (scale.distributed; docs/scaling.md); also switched on by accelerate launch --use_fsdp.
+            Ignored with one process.
     """
 
     name: str = field(default="tiny", metadata={"flag": "model"})
@@ -114,6 +117,7 @@ class ModelConfig:
     device: str = "cpu"
     cache_dir: str | None = None
     chunk_size: int = 256
+    fsdp: bool = False
 
 
 @dataclass

@@ -22,6 +22,21 @@ caller that has already run ``torch.distributed.init_process_group`` (the tests)
    coalesced all-reduce per optimizer update, after the micro-batches have accumulated). Every process
    then clips the same global gradient and applies the same optimizer step, so the replicas stay equal.
 
+**FSDP** (``model.fsdp``, or ``accelerate launch --use_fsdp``; :func:`shard`): the same design with the
+parameters, gradients and optimizer state sharded over the processes by FSDP2 (``fully_shard`` on every
+decoder layer and on the root module, which keeps the embedding, final norm and lm_head). Three things
+change:
+
+- the training forward runs as the root module's ``forward`` (:func:`run_as_forward`), so FSDP's root
+  hooks gather the root's weights (the trainer reads the lm_head weight itself), and each layer's
+  hooks gather it around its call and reduce-scatter its gradient after the backward;
+- no-grad passes (the rollout, scoring, evaluation, the JVP diagnostic) run with every weight gathered
+  once (:func:`gathered`), as verl gathers the weights for its rollout engine: a decode loop would
+  otherwise all-gather every layer at every token;
+- the gradient reduction is FSDP's reduce-scatter with divide factor 1 (a sum, as above), and
+  checkpoints hold full (unsharded) tensors in the 1-process layout (:func:`full_model_state`,
+  :func:`full_optimizer_state`), so a run can resume with or without FSDP.
+
 Why not ``DistributedDataParallel``: the trainer's forward calls the decoder and the lm_head weight
 directly (chunked token statistics, never the full logits; forward-mode JVP for the diagnostics), which
 bypasses DDP's ``forward`` and so its reducer; and DDP *averages* gradients, which would need the loss
@@ -38,14 +53,27 @@ import torch
 
 __all__ = [
     "Dist",
+    "FSDP_ENV",
     "all_reduce_grads",
     "all_reduce_sum",
     "barrier",
     "broadcast_params",
+    "full_model_state",
+    "full_optimizer_state",
+    "full_tensor",
     "gather_rows",
+    "gathered",
+    "is_fsdp",
+    "load_full_model_state",
+    "load_full_optimizer_state",
     "owned_slices",
+    "run_as_forward",
     "setup",
+    "shard",
 ]
+
+#: the environment variable ``accelerate launch --use_fsdp`` sets ("true")
+FSDP_ENV = "ACCELERATE_USE_FSDP"
 
 
 @dataclass(frozen=True)
@@ -171,3 +199,172 @@ def barrier(d: Dist) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------------
+# FSDP2
+
+
+def _fsdp_modules(model: torch.nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def shard(model: torch.nn.Module, d: Dist) -> None:
+    """Shard ``model`` (a Hugging Face causal LM) over the ``d.world`` processes with FSDP2, in place.
+
+    ``fully_shard`` on every decoder layer (gathered around its forward and backward, resharded after
+    each) and on the root (the embedding, final norm and lm_head — tied or not — kept gathered from
+    its forward to its backward). Gradients are **summed** over processes (divide factor 1): the trainer
+    divides every loss by the global normaliser (module docstring). Call after :func:`broadcast_params`
+    and before creating the optimizer (its parameters are then the ``DTensor`` shards).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if not d.enabled:
+        raise ValueError(f"FSDP needs several processes (world size {d.world})")
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder.layers to shard")
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=False)
+    for m in _fsdp_modules(model):
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM for float32)
+
+
+class gathered:
+    """Context manager: every FSDP-sharded weight of ``model`` gathered once for a no-grad pass.
+
+    Each sharded module is unsharded on entry (a collective: every process must enter) and kept
+    gathered through its forwards; on exit all are resharded. A no-op for a model without FSDP.
+    Memory: one full copy of the weights per process, for the duration.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.modules = _fsdp_modules(model) if is_fsdp(model) else []
+
+    def __enter__(self):
+        for m in self.modules:
+            m.set_reshard_after_forward(False, recurse=False)
+        for m in self.modules:
+            m.unshard()
+        return self
+
+    def __exit__(self, *exc):
+        root = self.modules[0] if self.modules else None
+        for m in self.modules:  # (before reshard(), which keeps a no-reshard-after-forward module gathered)
+            m.set_reshard_after_forward(m is not root, recurse=False)  # as :func:`shard` set them
+        for m in self.modules:
+            m.reshard()
+        return False
+
+
+def is_fsdp(model: torch.nn.Module, *, recurse: bool = False) -> bool:
+    """Whether ``model`` (``recurse``: or any submodule) is sharded by FSDP2's ``fully_shard``."""
+    if not torch.distributed.is_available():  # pragma: no cover
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    if recurse:
+        return any(isinstance(m, FSDPModule) for m in model.modules())
+    return isinstance(model, FSDPModule)
+
+
+def run_as_forward(model: torch.nn.Module, fn, *args):
+    """``fn(*args)`` run as ``model``'s forward, so FSDP's root hooks wrap it (a plain call without FSDP).
+
+    The root's pre-forward gathers its own weights (read directly by ``fn``: the lm_head weight), its
+    post-forward registers the backward hooks that reduce-scatter every gradient at the end of the
+    backward. ``fn`` returns a tuple of tensors (or None).
+    """
+    if not is_fsdp(model):
+        return fn(*args)
+    model.forward = fn  # an instance attribute: nn.Module.__call__ runs the hooks around it
+    try:
+        return model(*args)
+    finally:
+        del model.forward
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a ``DTensor`` (a collective), ``t`` itself otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _state_dict_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def _tied_groups(model: torch.nn.Module) -> list[list[str]]:
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return list(by_id.values())
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) CPU state dict of an FSDP ``model`` on rank 0, ``{}`` elsewhere (a collective).
+
+    A tied weight appears once, under the alphabetically first of its names (the one
+    ``safetensors.torch.save_model`` keeps for an unsharded model, e.g. ``lm_head.weight``).
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    sd = get_model_state_dict(model, options=_state_dict_options(cpu_offload=True))
+    for names in _tied_groups(model):
+        for extra in sorted(names)[1:]:
+            sd.pop(extra, None)
+    return sd
+
+
+def load_full_model_state(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict (every process passes it) into an FSDP ``model``; tied names restored."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    sd = dict(sd)
+    for names in _tied_groups(model):
+        have = [n for n in names if n in sd]
+        for n in names:
+            if n not in sd and have:
+                sd[n] = sd[have[0]]
+    set_model_state_dict(model, sd, options=_state_dict_options())
+
+
+def _param_names(model: torch.nn.Module) -> list[str]:
+    """Names of the trainable parameters in ``model.parameters()`` order (the optimizer's indices)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's full state on rank 0 (``{}`` elsewhere; a collective), in the layout of a
+    1-process ``optimizer.state_dict()`` (parameters numbered in ``model.parameters()`` order)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(model, optimizer, options=_state_dict_options(cpu_offload=True))
+    if not osd:
+        return {}
+    index = {n: i for i, n in enumerate(_param_names(model))}
+    return {
+        "state": {index[n]: v for n, v in osd["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]],
+    }
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, osd: dict) -> None:
+    """Load a 1-process-layout optimizer state (every process passes it) into the optimizer of an FSDP
+    ``model`` (:func:`full_optimizer_state`'s inverse)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    names = _param_names(model)
+    fqn = {
+        "state": {names[i]: v for i, v in osd["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, fqn, options=_state_dict_options())

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .distributed import is_fsdp
 from .token_stats import TokenStats, logit_stats, token_stats
 
 __all__ = [
@@ -399,7 +400,7 @@ def forward_hidden(
                                      attention_mask=ro.attention_mask[uniq, :Lp],
                                      position_ids=ro.position_ids[uniq, :Lp], past_key_values=cache,
                                      use_cache=True)  # fmt: skip
-                if torch.is_grad_enabled():
+                if torch.is_grad_enabled() and not is_fsdp(decoder, recurse=True):  # FSDP swaps the weights
                     shadow = _shadow_params(decoder)
                     pre = torch.func.functional_call(decoder, shadow, args=(), kwargs=prefix_kwargs)
                 else:

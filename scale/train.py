@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import resource
@@ -104,7 +105,23 @@ from .config import (
     validate,
     validate_distributed,
 )
-from .distributed import Dist, all_reduce_grads, all_reduce_sum, barrier, broadcast_params, gather_rows, setup
+from .distributed import (
+    FSDP_ENV,
+    Dist,
+    all_reduce_grads,
+    all_reduce_sum,
+    barrier,
+    broadcast_params,
+    full_model_state,
+    full_optimizer_state,
+    full_tensor,
+    gather_rows,
+    gathered,
+    is_fsdp,
+    run_as_forward,
+    setup,
+    shard,
+)
 from .distributed import owned_slices as _owned_slices
 from .grading import CorrectnessReward, SafeReward, evaluate_samples
 from .loss import grpo_loss, loss_normaliser, slice_rule_output
@@ -414,6 +431,21 @@ def _entropy_jvp(
     return total
 
 
+def _train_forward(model, ro: Rollout, **kwargs) -> TokenStats:
+    """:func:`score` with gradient, run as the root's forward (FSDP's hooks gather and reduce-scatter
+    around it: :func:`scale.distributed.run_as_forward`; a plain call without FSDP)."""
+    fn = functools.partial(_score_fields, model, ro, **kwargs)
+    return TokenStats(*run_as_forward(model, fn))
+
+
+def _score_fields(model, ro: Rollout, **kwargs) -> tuple:
+    st = score(model, ro, **kwargs)
+    fields = (st.logp, st.entropy, st.s_star, st.baseline)
+    if is_fsdp(model):  # FSDP hooks the outputs for its backward: no views (an in-place op drops the hook)
+        fields = tuple(None if t is None else t.clone() for t in fields)
+    return fields
+
+
 # --------------------------------------------------------------------------------------------------
 # the training loop
 
@@ -428,9 +460,15 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
     """
     validate(cfg)
     dd = setup(cfg.model.device)  # one process unless launched by torchrun / accelerate (scale.distributed)
+    if dd.enabled and not cfg.model.fsdp and os.environ.get(FSDP_ENV, "").lower() in ("1", "true"):
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fsdp=True))  # --use_fsdp
     saved_cfg = cfg
     if dd.enabled:
         validate_distributed(cfg, dd.world)
+        if dd.is_main and cfg.run.progress != "off":
+            how = "FSDP2, sharded" if cfg.model.fsdp else "replicated"
+            backend = torch.distributed.get_backend()
+            print(f"{dd.world} processes ({backend}), parameters {how}", file=sys.stderr, flush=True)
         if cfg.model.device == "cuda":  # one GPU per process
             per_rank = dataclasses.replace(cfg.model, device=f"cuda:{dd.local_rank}")
             cfg = dataclasses.replace(cfg, model=per_rank)
@@ -467,6 +505,11 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
     broadcast_params(model, dd)  # replicas start equal (a no-op with one process)
     if ref is not None:
         broadcast_params(ref, dd)
+    fsdp = dd.enabled and cfg.model.fsdp
+    if fsdp:  # parameters, gradients and optimizer state sharded over the processes (FSDP2)
+        shard(model, dd)
+        if ref is not None:
+            shard(ref, dd)
     # the rows this process scores and trains on: 1/W of every minibatch (all rows with one process)
     own = _owned_slices(N, opt.minibatches, dd.world, dd.rank) if dd.enabled else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -520,7 +563,7 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
             idx, data_epoch, data_pos = _next_prompts(len(task.train), P, seed, data_epoch, data_pos)
             problems = [task.train[i] for i in idx]
             torch.manual_seed(_seed(seed, step, 0))
-            with _autocast(cfg, device):
+            with _autocast(cfg, device), gathered(model):
                 ro = sample(
                     model, tok, [format_prompt(p, tok) for p in problems], group_size=G,
                     max_new_tokens=ro_cfg.max_new_tokens, min_new_tokens=ro_cfg.min_new_tokens,
@@ -558,12 +601,12 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
             if ro.behaviour is not None:
                 old = ro.behaviour
             else:
-                with _autocast(cfg, device):
+                with _autocast(cfg, device), gathered(model):
                     old = _score_rows(model, ro, own, dd, cfg, temperature=tau, chunk_size=chunk, s_star=True,
                                       baseline=True)  # fmt: skip
             ref_logp = None
             if ref is not None:
-                with _autocast(cfg, device):
+                with _autocast(cfg, device), gathered(ref):
                     ref_logp = _score_rows(ref, ro, own, dd, cfg, temperature=tau, chunk_size=chunk).logp
             dev = old.s_star - old.baseline  # (N, T) S* - E_p[S]
             _sync(device)
@@ -589,9 +632,11 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
             t_diag = 0.0
             if diag:  # the statistics before the update, in float32, by the same forward as after it
                 td = time.perf_counter()
-                before = _score_rows(model, ro, own, dd, cfg, temperature=tau, chunk_size=chunk, s_star=True,
-                                     baseline=True)  # fmt: skip
-                theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+                with gathered(model):
+                    before = _score_rows(model, ro, own, dd, cfg, temperature=tau, chunk_size=chunk,
+                                         s_star=True, baseline=True)  # fmt: skip
+                # full tensors under FSDP: the JVP runs on the gathered model
+                theta0 = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
                 alpha = torch.zeros_like(old.logp)  # (N, T) summed SGD-equivalent logit step sizes
                 t_diag += time.perf_counter() - td
             mb = cfg.minibatch_size
@@ -607,10 +652,10 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
                     mine = own[k] if own is not None else rows
                     for s in range(mine.start, mine.stop, micro):
                         r = slice(s, min(s + micro, mine.stop))
-                        with _autocast(cfg, device):
-                            st = score(model, ro.rows(r), temperature=tau, chunk_size=chunk,
-                                       entropy_grad=entropy_grad,
-                                       checkpoint=opt.grad_checkpointing)  # fmt: skip
+                        with _autocast(cfg, device):  # FSDP: as the root's forward (its hooks gather)
+                            st = _train_forward(model, ro.rows(r), temperature=tau, chunk_size=chunk,
+                                                entropy_grad=entropy_grad,
+                                                checkpoint=opt.grad_checkpointing)  # fmt: skip
                         if diag:
                             st.logp.retain_grad()
                         loss, lm = grpo_loss(
@@ -631,9 +676,10 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
                     for key, v in _reduce_metric_parts(part, mask[rows], mb_out, dd).items():
                         sums[key] = sums[key] + v if key in sums else v
                     n_updates += 1
-                    all_reduce_grads(params, dd)  # sum over processes = the 1-process gradient
+                    if not fsdp:  # (FSDP's reduce-scatter has summed the gradient shards in the backward)
+                        all_reduce_grads(params, dd)  # sum over processes = the 1-process gradient
                     loss_sum = all_reduce_sum(loss_sum, dd)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
                     if not bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)):  # one sync per update
                         good = latest_checkpoint(run_dir)
                         raise TrainingDiverged(
@@ -675,7 +721,8 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
             n_tok = mask.sum().to(old.entropy.dtype)
             if diag:
                 td = time.perf_counter()
-                after = _score_rows(model, ro, own, dd, cfg, temperature=tau, chunk_size=chunk)
+                with gathered(model):
+                    after = _score_rows(model, ro, own, dd, cfg, temperature=tau, chunk_size=chunk)
                 # per-token differences summed (not a difference of two sums: no cancellation)
                 m["theory/dH_measured"] = (after.entropy - before.entropy).sum() / n_tok
                 dev0 = before.s_star - before.baseline
@@ -685,7 +732,9 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
                 for q, name in enumerate(theory.QUADRANTS):
                     m[f"theory/dH_tabular/{name}"] = torch.where(quad == q, dh_tab, 0.0).sum() / n_tok
                 if cfg.diag.jvp:
-                    m["theory/dH_jvp"] = all_reduce_sum(_entropy_jvp(model, ro, theta0, cfg, own), dd) / n_tok
+                    with gathered(model):
+                        d_jvp = _entropy_jvp(model, ro, theta0, cfg, own)
+                    m["theory/dH_jvp"] = all_reduce_sum(d_jvp, dd) / n_tok
                 del theta0, before, after
                 _sync(device)
                 t_diag += time.perf_counter() - td
@@ -729,8 +778,13 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
             # ---- 9. held-out evaluation ------------------------------------------------------------
             t_eval = time.perf_counter()
             ev = cfg.eval
-            if dd.is_main and ev.eval_every and (step % ev.eval_every == 0 or step == cfg.run.steps):
-                floats.update(_evaluate(model, tok, task.eval[: ev.eval_problems], cfg, step))
+            # rank 0 evaluates; with FSDP every process runs the (collective) gathered forwards
+            evaluate = ev.eval_every and (step % ev.eval_every == 0 or step == cfg.run.steps)
+            if evaluate and (dd.is_main or fsdp):
+                with gathered(model):
+                    res = _evaluate(model, tok, task.eval[: ev.eval_problems], cfg, step)
+                if dd.is_main:
+                    floats.update(res)
             t_end = time.perf_counter()
 
             # ---- 10. log, samples, checkpoint ------------------------------------------------------
@@ -743,6 +797,11 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
             floats["time/eval_s"] = t_end - t_eval
             floats["tokens_per_s"] = float(n_tok) / step_s
             floats["mem/peak_gb"] = _peak_memory_gb(device)
+            save = (cfg.run.save_every and step % cfg.run.save_every == 0) or step == last
+            full_states = {}
+            if save and fsdp:  # full tensors gathered by every process, written by rank 0
+                full_states = {"model_state": full_model_state(model),
+                               "optimizer_state": full_optimizer_state(model, optimizer)}  # fmt: skip
             if not dd.is_main:  # the other processes write nothing
                 record = floats
                 continue
@@ -750,7 +809,7 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
             if cfg.diag.samples_per_step:
                 write_samples(run_dir, step, _sample_records(ro, tok, old, dev, quad, adv_seq, rewards_list,
                                                              problems, step, cfg))  # fmt: skip
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == last:
+            if save:
                 rng_json, rng_tensors = capture_rng()
                 save_checkpoint(
                     run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -761,7 +820,7 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
                         "stage": None if stage is None else dataclasses.asdict(stage),
                         "rng": rng_json,
                     },
-                    tensor_state={"rng": rng_tensors, "rule_state": rule_state},
+                    tensor_state={"rng": rng_tensors, "rule_state": rule_state}, **full_states,
                 )  # fmt: skip
             _progress(bar, mode, step, cfg.run.steps, record)
     finally:
