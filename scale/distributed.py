@@ -107,6 +107,8 @@ def setup(device: str = "cpu") -> Dist:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return Dist()
         backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":  # this process's GPU is the current device (nccl and FSDP's mesh use it)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
     local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local)

@@ -52,14 +52,15 @@ What is simplified, and why:
 * Mixed precision (``model.dtype = bfloat16``) keeps float32 parameters, gradients and AdamW state and
   runs rollout, scoring and training forwards under ``torch.autocast(bfloat16)``; the lm_head statistics
   stay float32 (:mod:`scale.token_stats`), and the diagnostics run in float32.
-* No vLLM, no sequence packing, no FSDP: this is a reference trainer for CPUs and GPUs. Several
+* No vLLM, no sequence packing: this is a reference trainer for CPUs and GPUs. Several
   processes (``torchrun --nproc_per_node N -m scale.train ...``) train data-parallel
   (:mod:`scale.distributed`): every process samples the whole step's rollout (replicated, so the batch
   is the 1-process batch, with its behaviour statistics), so the rule runs once on the global batch;
   each trains on its ``1/N`` of every minibatch (with ``rollout.rescore`` or the diagnostics it also
   scores its rows and all-gathers them), and gradients are summed over processes with the global
   normaliser; the result equals the 1-process run to rounding (``tests/test_scale_distributed.py``).
-  Rank 0 alone writes the run directory.
+  Rank 0 alone writes the run directory. ``model.fsdp`` (or ``accelerate launch --use_fsdp``) shards
+  parameters, gradients and optimizer state with FSDP2 instead of replicating them (same results).
 
 Reproducibility: sampling is seeded per step from ``(seed, step)``, the rule's noise and the eval
 samples from their own per-step streams (so eval does not move the training stream), and the data
@@ -635,8 +636,8 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
                 with gathered(model):
                     before = _score_rows(model, ro, own, dd, cfg, temperature=tau, chunk_size=chunk,
                                          s_star=True, baseline=True)  # fmt: skip
-                # full tensors under FSDP: the JVP runs on the gathered model
-                theta0 = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
+                if cfg.diag.jvp:  # (full tensors under FSDP: the JVP runs on the gathered model)
+                    theta0 = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
                 alpha = torch.zeros_like(old.logp)  # (N, T) summed SGD-equivalent logit step sizes
                 t_diag += time.perf_counter() - td
             mb = cfg.minibatch_size
@@ -735,7 +736,8 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
                     with gathered(model):
                         d_jvp = _entropy_jvp(model, ro, theta0, cfg, own)
                     m["theory/dH_jvp"] = all_reduce_sum(d_jvp, dd) / n_tok
-                del theta0, before, after
+                    del theta0
+                del before, after
                 _sync(device)
                 t_diag += time.perf_counter() - td
 
