@@ -238,17 +238,20 @@ def shard(model: torch.nn.Module, d: Dist) -> None:
 
 
 class gathered:
-    """Context manager: every FSDP-sharded weight of ``model`` gathered once for a no-grad pass.
+    """Context manager: every FSDP-sharded weight in ``model`` gathered once for a no-grad pass.
 
-    Each sharded module is unsharded on entry (a collective: every process must enter) and kept
-    gathered through its forwards; on exit all are resharded. A no-op for a model without FSDP.
-    Memory: one full copy of the weights per process, for the duration.
+    Each FSDP module in ``model`` (the root and its sharded children: :func:`shard`'s layout, or
+    accelerate's) is unsharded on entry (a collective: every process must enter) and kept gathered
+    through its forwards; on exit each is resharded and gets back its reshard-after-forward setting.
+    A no-op for a model without FSDP. Memory: one full copy of the weights per process, for the duration.
     """
 
     def __init__(self, model: torch.nn.Module):
-        self.modules = _fsdp_modules(model) if is_fsdp(model) else []
+        self.modules = _fsdp_modules(model) if is_fsdp(model, recurse=True) else []
+        self.flags: list[bool] = []
 
     def __enter__(self):
+        self.flags = [_reshards_after_forward(m) for m in self.modules]
         for m in self.modules:
             m.set_reshard_after_forward(False, recurse=False)
         for m in self.modules:
@@ -256,12 +259,21 @@ class gathered:
         return self
 
     def __exit__(self, *exc):
-        root = self.modules[0] if self.modules else None
-        for m in self.modules:  # (before reshard(), which keeps a no-reshard-after-forward module gathered)
-            m.set_reshard_after_forward(m is not root, recurse=False)  # as :func:`shard` set them
+        for m, flag in zip(self.modules, self.flags, strict=True):  # (before reshard(): it keeps a module
+            m.set_reshard_after_forward(flag, recurse=False)  # that does not reshard after forward gathered)
         for m in self.modules:
             m.reshard()
         return False
+
+
+def _reshards_after_forward(m) -> bool:
+    """``m``'s reshard-after-forward setting (FSDP2 has no public getter; True if it cannot be read)."""
+    state = m._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:  # torch < 2.12: one group per module
+        groups = [getattr(state, "_fsdp_param_group", None)]
+    flags = [getattr(g, "_reshard_after_forward", None) for g in groups if g is not None]
+    return bool(flags[0]) if flags and flags[0] is not None else True
 
 
 def is_fsdp(model: torch.nn.Module, *, recurse: bool = False) -> bool:

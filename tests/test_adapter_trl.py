@@ -7,7 +7,8 @@
 * group ids survive TRL's shuffle; unsupported TRL options are refused;
 * two training steps through TRL's loop (the ``main`` launcher) log the rule's metrics and the entropy
   diagnostics through TRL's metrics;
-* (slow) two processes (torchrun, gloo): every process sees the same global rule output.
+* (slow) two processes (torchrun, gloo): every process sees the same global rule output; the statistics
+  pass on the model sharded as accelerate's FSDP2 shards it equals the unsharded pass.
 """
 
 from __future__ import annotations
@@ -221,6 +222,19 @@ b = trainer._buffered_inputs[0]
 rank = trainer.accelerator.process_index
 rec = {"rank": rank, "n_kept": float(b[FIELD + "n_kept"]), "local_kept": int(b[FIELD + "keep"].sum()),
        "group": b[FIELD + "group"].tolist(), "metrics": trainer.state.log_history[0]}
+# the statistics pass on the same model sharded as accelerate's FSDP2 shards it (fully_shard on every
+# decoder layer, then the root; reshard after forward everywhere) equals the unsharded pass
+import copy
+from torch.distributed.fsdp import fully_shard
+ref = trainer._score(b)
+sharded = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model))
+for layer in sharded.model.layers:
+    fully_shard(layer)
+fully_shard(sharded, reshard_after_forward=True)
+trainer.model = sharded
+got = trainer._score(b)
+rec["fsdp_max_diff"] = max(float((got[k] - ref[k]).abs().max()) for k in ref)
+rec["fsdp_dtensor_after"] = all(type(p).__name__ == "DTensor" for p in sharded.parameters())
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump(rec, f)
 end_process_group()
@@ -244,3 +258,6 @@ def test_two_processes_share_one_global_rule_output(tmp_path):
     assert recs[0]["n_kept"] == recs[1]["n_kept"] == recs[0]["local_kept"] + recs[1]["local_kept"]
     # GRPO groups are numbered over the global batch (rank 1 holds the later groups)
     assert set(recs[0]["group"]).isdisjoint(recs[1]["group"])
+    # FSDP2: the statistics pass gathers every weight (scale.distributed.gathered), then reshards
+    for rec in recs:
+        assert rec["fsdp_max_diff"] < 1e-5 and rec["fsdp_dtensor_after"], rec

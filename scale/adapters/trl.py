@@ -90,10 +90,14 @@ Cost: the statistics pass is one extra no-grad forward of the policy per pass ov
 ``rule=None`` skip it entirely (then the subclass is TRL with the project's loss).
 
 Distributed set-ups: tested on CPU with one process and with two (``torchrun``, gloo). The statistics
-pass calls the unwrapped model's backbone and reads the lm_head weight directly; FSDP2 ``DTensor`` heads
-are gathered with ``full_tensor()`` and DeepSpeed ZeRO-3 heads with TRL's ``maybe_gather_lm_head_ctx``,
-both untested (no GPU here). FSDP1 (the ``FullyShardedDataParallel`` wrapper) is not expected to work:
-its root parameters are unsharded only by the root module's forward, which the statistics pass skips.
+pass calls the unwrapped model's backbone and reads the lm_head weight directly. With FSDP2 (accelerate's
+``fully_shard``) it runs inside :class:`scale.distributed.gathered` (every weight gathered once for the
+pass); a 2-process CPU test checks it on a model sharded as accelerate shards it, against the unsharded
+pass. TRL's own loop under accelerate's FSDP2 could not run here: accelerate enables FSDP only on GPUs
+(with ``--use_cpu`` it wraps DDP; without, it started two unconnected processes). DeepSpeed ZeRO-3 heads
+are gathered with TRL's ``maybe_gather_lm_head_ctx``, untested (no GPU here). FSDP1 (the
+``FullyShardedDataParallel`` wrapper) is not expected to work: its root parameters are unsharded only by
+the root module's forward, which the statistics pass skips.
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ import torch
 from trl import GRPOTrainer
 
 import theory
+from scale.distributed import gathered
 from scale.loss import LossConfig, grpo_loss, loss_normaliser
 from scale.token_stats import token_stats
 from theory.rules import Rule, RuleOutput, TokenBatch, make_rule
@@ -246,7 +251,8 @@ class EntropyRuleGRPOTrainer(GRPOTrainer):
         for key in _MULTIMODAL:
             if inputs.get(key) is not None:
                 raise NotImplementedError(f"multimodal inputs ({key}) are not supported (statistics pass)")
-        model = self.accelerator.unwrap_model(self.model)
+        outer = self.accelerator.unwrap_model(self.model)
+        model = outer
         if hasattr(model, "get_base_model"):  # PEFT: the transformers model with the adapters injected
             model = model.get_base_model()
         self._check_plain_logits(model)
@@ -260,7 +266,9 @@ class EntropyRuleGRPOTrainer(GRPOTrainer):
         C = completion_ids.shape[1]
         rows = self.args.per_device_train_batch_size
         out: dict[str, list] = {"logp": [], "entropy": [], "s_star": [], "baseline": []}
-        with _ctx(_no_checkpointing, self.model, self.args.gradient_checkpointing_kwargs):
+        # FSDP2 (accelerate's fully_shard): every weight gathered once for this no-grad pass, since the
+        # backbone and the lm_head weight are used directly, not through the root module's forward
+        with _ctx(_no_checkpointing, self.model, self.args.gradient_checkpointing_kwargs), gathered(outer):
             for s in range(0, input_ids.shape[0], rows):
                 e = min(s + rows, input_ids.shape[0])
                 with self.accelerator.autocast():
@@ -268,7 +276,7 @@ class EntropyRuleGRPOTrainer(GRPOTrainer):
                                  use_cache=False).last_hidden_state
                 h = h[:, -C - 1 : -1]  # the positions that predict the completion tokens
                 W, b = weight, bias
-                if hasattr(W, "full_tensor"):  # FSDP2 DTensor
+                if hasattr(W, "full_tensor"):  # an FSDP2 DTensor that gathered() did not cover
                     W = W.full_tensor()
                     b = None if b is None else b.full_tensor()
                 with _ctx(_gather_head, weight, bias):
