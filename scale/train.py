@@ -464,6 +464,8 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
     if dd.enabled and not cfg.model.fsdp and os.environ.get(FSDP_ENV, "").lower() in ("1", "true"):
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fsdp=True))  # --use_fsdp
     saved_cfg = cfg
+    if cfg.model.fsdp and not dd.enabled and cfg.run.progress != "off":
+        print("model.fsdp: one process, nothing to shard (ignored)", file=sys.stderr, flush=True)
     if dd.enabled:
         validate_distributed(cfg, dd.world)
         if dd.is_main and cfg.run.progress != "off":
