@@ -58,6 +58,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "broadcast_params",
+    "check_replicated",
     "full_model_state",
     "full_optimizer_state",
     "full_tensor",
@@ -183,6 +184,31 @@ def all_reduce_grads(params: list[torch.nn.Parameter], d: Dist) -> None:
             n = p.grad.numel()
             p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
             offset += n
+
+
+def check_replicated(x: torch.Tensor, d: Dist, what: str) -> None:
+    """Raise ``RuntimeError`` unless ``x`` is the same on every process (a fingerprint all-gather).
+
+    Every process samples and grades the whole batch itself (module docstring); this catches the
+    processes drifting apart (e.g. a nondeterministic GPU kernel) before the rule runs on batches that
+    differ. The fingerprint is ``(sum, position-weighted sum)`` of ``x`` in float64.
+    """
+    if not d.enabled:
+        return
+    import torch.distributed as dist
+
+    v = x.detach().reshape(-1).to(torch.float64)
+    pos = torch.arange(1, v.numel() + 1, dtype=torch.float64, device=v.device)
+    fp = torch.stack([v.sum(), (v * pos).sum(), torch.tensor(float(v.numel()), dtype=torch.float64,
+                                                            device=v.device)])  # fmt: skip
+    parts = [torch.empty_like(fp) for _ in range(d.world)]
+    dist.all_gather(parts, fp)
+    bad = [r for r, p in enumerate(parts) if not torch.equal(p, parts[0])]
+    if bad:
+        raise RuntimeError(
+            f"{what} differs between processes: rank(s) {bad} disagree with rank 0 (fingerprints "
+            f"{[p.tolist() for p in parts]}); every process must sample the same global batch"
+        )
 
 
 def broadcast_params(model: torch.nn.Module, d: Dist) -> None:

@@ -113,6 +113,7 @@ from .distributed import (
     all_reduce_sum,
     barrier,
     broadcast_params,
+    check_replicated,
     full_model_state,
     full_optimizer_state,
     full_tensor,
@@ -585,6 +586,8 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
                 raise RewardFunctionError(f"step {step}: the reward function raised {err!r}") from err
             errors_total += reward.n_errors - n_err
             rewards = torch.tensor(rewards_list, dtype=torch.float32)  # (N,)
+            check_replicated(ro.response, dd, f"step {step}: the sampled batch")  # (several processes)
+            check_replicated(rewards, dd, f"step {step}: the rewards")
             adv_seq = theory.grpo_advantages(rewards.view(P, G), **preset).reshape(N).to(device)  # (N,)
             adv = torch.where(mask, adv_seq[:, None], 0.0)  # (N, T)
             if correct_value is not None:

@@ -74,6 +74,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         _check_grad_reduction(rank, world)
+        _check_replicated(rank, world)
         for name, spec in RULES.items():
             train(make_cfg(Path(root) / f"dist_{name}", spec), reward_fn=text_reward)
         # stopped after step 1, then resumed from rank 0's checkpoint by both processes
@@ -116,6 +117,19 @@ def _check_grad_reduction(rank: int, world: int) -> None:
     all_reduce_grads([a, b, c], Dist(rank, world))
     assert a.grad.tolist() == [world * (world + 1) / 2] * 3
     assert b.grad.tolist() == [1.0] * 3 and c.grad is None
+
+
+def _check_replicated(rank: int, world: int) -> None:
+    """Equal tensors pass; a batch that differs on one process raises on every process."""
+    from scale.distributed import Dist, check_replicated
+
+    d = Dist(rank, world)
+    check_replicated(torch.arange(12).view(3, 4), d, "same")
+    x = torch.arange(12).view(3, 4)
+    if rank == 1:
+        x[2, 1], x[2, 2] = x[2, 2], x[2, 1]  # same sum, other order
+    with pytest.raises(RuntimeError, match=r"the batch differs between processes: rank\(s\) \[1\]"):
+        check_replicated(x, d, "the batch")
 
 
 def _free_port() -> int:
