@@ -234,6 +234,9 @@ def barrier(d: Dist) -> None:
 
 
 def _fsdp_modules(model: torch.nn.Module) -> list:
+    """The FSDP2-sharded modules in ``model`` (itself first when it is one)."""
+    if not torch.distributed.is_available():  # pragma: no cover
+        return []
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -273,7 +276,7 @@ class gathered:
     """
 
     def __init__(self, model: torch.nn.Module):
-        self.modules = _fsdp_modules(model) if is_fsdp(model, recurse=True) else []
+        self.modules = _fsdp_modules(model)
         self.flags: list[bool] = []
 
     def __enter__(self):
@@ -304,12 +307,12 @@ def _reshards_after_forward(m) -> bool:
 
 def is_fsdp(model: torch.nn.Module, *, recurse: bool = False) -> bool:
     """Whether ``model`` (``recurse``: or any submodule) is sharded by FSDP2's ``fully_shard``."""
+    if recurse:
+        return bool(_fsdp_modules(model))
     if not torch.distributed.is_available():  # pragma: no cover
         return False
     from torch.distributed.fsdp import FSDPModule
 
-    if recurse:
-        return any(isinstance(m, FSDPModule) for m in model.modules())
     return isinstance(model, FSDPModule)
 
 

@@ -99,10 +99,7 @@ class Rollout:
     def rows(self, sl) -> Rollout:
         """The sequences ``sl`` (a slice) as a smaller :class:`Rollout` (tensors are views)."""
         idx = range(self.n)[sl]
-        beh = self.behaviour
-        if beh is not None:
-            beh = TokenStats(*(None if x is None else x[sl] for x in (beh.logp, beh.entropy, beh.s_star,
-                                                                      beh.baseline)))  # fmt: skip
+        beh = None if self.behaviour is None else self.behaviour.map(lambda x: x[sl])
         return Rollout(
             self.input_ids[sl], self.attention_mask[sl], self.position_ids[sl], self.prompt_len,
             self.response[sl], self.mask[sl], self.truncated[sl],
@@ -458,9 +455,5 @@ def score(
 @torch.no_grad()
 def score_all(model, ro: Rollout, batch: int, **kwargs) -> TokenStats:
     """:func:`score` over all sequences, ``batch`` at a time, without gradient; results concatenated."""
-    parts = [score(model, ro.rows(slice(s, s + batch)), **kwargs) for s in range(0, ro.n, batch)]
-    cat = {}
-    for name in ("logp", "entropy", "s_star", "baseline"):
-        vals = [getattr(p, name) for p in parts]
-        cat[name] = None if vals[0] is None else torch.cat(vals, 0)
-    return TokenStats(**cat)
+    return TokenStats.cat([score(model, ro.rows(slice(s, s + batch)), **kwargs)
+                           for s in range(0, ro.n, batch)])  # fmt: skip

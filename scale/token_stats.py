@@ -46,6 +46,7 @@ synchronisation to count them).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,20 @@ class TokenStats:
     entropy: torch.Tensor | None = None
     s_star: torch.Tensor | None = None
     baseline: torch.Tensor | None = None
+
+    def astuple(self) -> tuple[torch.Tensor | None, ...]:
+        """``(logp, entropy, s_star, baseline)``, the tensors themselves (no copies)."""
+        return self.logp, self.entropy, self.s_star, self.baseline
+
+    def map(self, fn) -> TokenStats:
+        """``fn`` applied to every field that is not None."""
+        return TokenStats(*(None if x is None else fn(x) for x in self.astuple()))
+
+    @staticmethod
+    def cat(parts: Sequence[TokenStats]) -> TokenStats:
+        """The ``parts`` concatenated along the rows (dim 0), field by field."""
+        cols = zip(*(p.astuple() for p in parts), strict=True)
+        return TokenStats(*(None if c[0] is None else torch.cat(c, 0) for c in cols))
 
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

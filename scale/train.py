@@ -338,13 +338,8 @@ def _score_rows(model, ro: Rollout, parts: Sequence[slice] | None, dd: Dist, cfg
     batch = cfg.rollout.score_batch
     if not dd.enabled:
         return score_all(model, ro, batch, **kw)
-    local = [score_all(model, ro.rows(p), batch, **kw) for p in parts]
-    out = {}
-    for name in ("logp", "entropy", "s_star", "baseline"):
-        vals = [getattr(x, name) for x in local]
-        cat = None if vals[0] is None else torch.cat(vals, 0)
-        out[name] = None if cat is None else gather_rows(cat, dd, ro.n, cfg.optim.minibatches)
-    return TokenStats(**out)
+    local = TokenStats.cat([score_all(model, ro.rows(p), batch, **kw) for p in parts])
+    return local.map(lambda x: gather_rows(x, dd, ro.n, cfg.optim.minibatches))
 
 
 #: grpo_loss metrics that are means over the call's kept tokens
@@ -442,10 +437,9 @@ def _train_forward(model, ro: Rollout, **kwargs) -> TokenStats:
 
 def _score_fields(model, ro: Rollout, **kwargs) -> tuple:
     st = score(model, ro, **kwargs)
-    fields = (st.logp, st.entropy, st.s_star, st.baseline)
     if is_fsdp(model):  # FSDP hooks the outputs for its backward: no views (an in-place op drops the hook)
-        fields = tuple(None if t is None else t.clone() for t in fields)
-    return fields
+        st = st.map(torch.clone)
+    return st.astuple()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -638,11 +632,11 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
             t_diag = 0.0
             if diag:  # the statistics before the update, in float32, by the same forward as after it
                 td = time.perf_counter()
-                with gathered(model):
+                with gathered(model):  # (under FSDP the parameters are the full tensors in here)
                     before = _score_rows(model, ro, own, dd, cfg, temperature=tau, chunk_size=chunk,
                                          s_star=True, baseline=True)  # fmt: skip
-                if cfg.diag.jvp:  # (full tensors under FSDP: the JVP runs on the gathered model)
-                    theta0 = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
+                    if cfg.diag.jvp:
+                        theta0 = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
                 alpha = torch.zeros_like(old.logp)  # (N, T) summed SGD-equivalent logit step sizes
                 t_diag += time.perf_counter() - td
             mb = cfg.minibatch_size
@@ -727,8 +721,9 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
             n_tok = mask.sum().to(old.entropy.dtype)
             if diag:
                 td = time.perf_counter()
-                with gathered(model):
+                with gathered(model):  # one gather for the after-update scoring and the JVP
                     after = _score_rows(model, ro, own, dd, cfg, temperature=tau, chunk_size=chunk)
+                    d_jvp = _entropy_jvp(model, ro, theta0, cfg, own) if cfg.diag.jvp else None
                 # per-token differences summed (not a difference of two sums: no cancellation)
                 m["theory/dH_measured"] = (after.entropy - before.entropy).sum() / n_tok
                 dev0 = before.s_star - before.baseline
@@ -738,8 +733,6 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
                 for q, name in enumerate(theory.QUADRANTS):
                     m[f"theory/dH_tabular/{name}"] = torch.where(quad == q, dh_tab, 0.0).sum() / n_tok
                 if cfg.diag.jvp:
-                    with gathered(model):
-                        d_jvp = _entropy_jvp(model, ro, theta0, cfg, own)
                     m["theory/dH_jvp"] = all_reduce_sum(d_jvp, dd) / n_tok
                     del theta0
                 del before, after
