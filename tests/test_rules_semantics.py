@@ -1159,7 +1159,8 @@ def test_make_rule_invalid_values_raise():
     with pytest.raises(ValueError, match="variant"):
         R.make_rule("clip_b:variant=both")
     with pytest.raises(ValueError, match="clip_v.center expects true or false"):
-        R.make_rule("clip_v:center=1")
+        R.make_rule("clip_v:center=maybe")
+    assert R.make_rule("clip_v:center=1").center is True  # the booleans of theory.spec, as tasks take
     with pytest.raises(ValueError, match="clip_b.mu expects a number"):
         R.make_rule("clip_b:mu=abc")
     with pytest.raises(ValueError, match="unknown parameter 'muu'"):

@@ -8,7 +8,7 @@ arXiv 2602.03392 (entropy dynamics) and arXiv 2508.02260 (entropy-performance ex
 This package imports only ``array_api_compat`` (never torch).
 """
 
-from . import rules  # noqa: F401  (theory.rules: the rule interface)
+from . import diagnostics, rules, spec  # noqa: F401  (batch statistics, the rule interface, spec parser)
 from .discriminator import (
     QUADRANTS,
     deviation,

@@ -20,11 +20,11 @@ gradient; every ratio is a fraction in [0, 1].
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .._xp import Array, namespace
+from ..spec import build, normalise_name, parse_spec, split_composite
 
 __all__ = [
     "TokenBatch",
@@ -172,10 +172,6 @@ class Rule:
     def apply(self, batch: TokenBatch, *, noise: Array | None, state: Any) -> RuleOutput:  # pragma: no cover
         raise NotImplementedError
 
-    def config(self) -> dict[str, Any]:
-        """The hyperparameters as a plain dict (for logging and saved run configs)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
 
 def _combine(a, b, op):
     if a is None:
@@ -248,39 +244,6 @@ def register(cls):
     return cls
 
 
-def _parse_value(text: str, current: Any, where: str):
-    """Parse one spec value using the type of the field's default ``current``."""
-    text = text.strip()
-    low = text.lower()
-    if low in ("none", "null"):
-        return None
-    if isinstance(current, bool):
-        if low not in ("true", "false"):
-            raise ValueError(f"{where} expects true or false, got {text!r}")
-        return low == "true"
-    if isinstance(current, (int, float)):
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"{where} expects a number, got {text!r}") from None
-        return int(value) if isinstance(current, int) and value.is_integer() and "." not in text else value
-    if current is None:
-        for cast in (int, float):
-            try:
-                return cast(text)
-            except ValueError:
-                pass
-    return text
-
-
-def _build(cls, kwargs: dict, where: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(kwargs) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown parameter {unknown[0]!r}; parameters: {', '.join(sorted(names))}")
-    return cls(**kwargs)
-
-
 def _token_rule_class(name: str):
     if name not in RULES:
         raise ValueError(f"unknown rule {name!r}; registered: {', '.join(sorted(RULES))}")
@@ -296,37 +259,21 @@ def make_rule(spec: str | dict | Rule) -> Rule:
     Spec strings name rules from :data:`RULES` with optional ``key=value`` parameters, composed with
     ``+`` in the order of application, e.g. ``"clip_b:mu=2.0,variant=paper+position_bonus:alpha=0.05"``.
     Tuple values use ``/``: ``"ppl_shaping:clamp=0.9/1.1"``. Dicts are ``{"name": ..., **params}``.
+    Values are converted by :mod:`theory.spec` (the parser tasks and the stage detector share).
     """
     if isinstance(spec, Rule):
         return spec
     if isinstance(spec, dict):
-        spec = dict(spec)
-        name = str(spec.pop("name", None)).replace("-", "_")
-        return _build(_token_rule_class(name), spec, name)
-    # "+" separates rules only when a rule name follows, so "1e+9" stays a number
-    parts = [p for p in re.split(r"\+(?=\s*[A-Za-z_][A-Za-z0-9_-]*\s*(?::|\+|$))", str(spec)) if p.strip()]
+        params = dict(spec)
+        name = normalise_name(str(params.pop("name", None)))
+        return build(_token_rule_class(name), name, params)
+    parts = split_composite(spec)
     if not parts:
         raise ValueError("empty rule spec")
     rules = []
     for part in parts:
-        name, _, params = part.strip().partition(":")
-        name = name.strip().replace("-", "_")
-        cls = _token_rule_class(name)
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for item in filter(None, (t.strip() for t in params.split(","))):
-            key, eq, value = item.partition("=")
-            key = key.strip()
-            if not eq or key not in defaults:
-                raise ValueError(f"{name}: unknown parameter {key!r}; parameters: {', '.join(defaults)}")
-            where = f"{name}.{key}"
-            if "/" in value:  # a tuple; elements parse like the default's first element (numbers if none)
-                current = defaults[key]
-                elem = current[0] if isinstance(current, tuple) and current else 0.0
-                kwargs[key] = tuple(_parse_value(v, elem, where) for v in value.split("/"))
-            else:
-                kwargs[key] = _parse_value(value, defaults[key], where)
-        rules.append(_build(cls, kwargs, name))
+        name, params = parse_spec(part, "rule spec")
+        rules.append(build(_token_rule_class(name), name, params))
     return rules[0] if len(rules) == 1 else Compose(tuple(rules))
 
 
