@@ -69,7 +69,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_toy.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check theory toy scale tests benchmarks
+	$(VENV)/bin/ruff check theory toy scale entdyn tests benchmarks
 
 clean:
 	rm -rf $(VENV) $(VERL_VENV) runs .pytest_cache .hypothesis

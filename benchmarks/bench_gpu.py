@@ -38,7 +38,7 @@ THROUGHPUT_TASK = "arithmetic:digits=2,ops=2,n_train=2000,n_eval=20"
 
 
 def _run(cfg_dict: dict) -> list[dict]:
-    from scale.config import config_from_dict
+    from scale.flags import config_from_dict
     from scale.metrics_log import read_metrics
     from scale.train import train
 

@@ -118,7 +118,7 @@ def _child_trl(args, out: dict) -> None:
 
 def _child_ours(args, out: dict) -> None:
     import scale.train as st
-    from scale.config import config_from_dict
+    from scale.flags import config_from_dict
 
     steps: list[dict] = []
     marks: list[tuple[float, float]] = []

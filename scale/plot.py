@@ -11,7 +11,7 @@ sample's ``advantage`` and ``reward``) and writes into ``RUN_DIR/plots/`` (or ``
   prediction and the network-level first-order (JVP) prediction, over steps and as a scatter;
 * ``position.png`` — entropy by relative-position bucket over training (paper 2 §3.4's U-shape);
 * ``tokens.html`` and ``tokens.png`` — sampled completions with every token coloured by its entropy and,
-  below, by its quadrant ``sign(A) x sign(S* - E_p[S])`` (theory.md §4.2).
+  below, by its quadrant ``sign(A) x sign(S* - E_p[S])`` (docs/equations.md §4, the quadrant table).
 
 A metric a run did not log is skipped, never invented: the figure leaves that line out and says so in
 its legend or title.

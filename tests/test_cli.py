@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from scale.cli import build_parser, format_rules, main
+from entdyn.cli import build_parser, format_rules, main
 from theory.rules import RULES, describe_rules, make_rule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ PARAM_ROW = re.compile(r"^\|\s*`(?P<name>[A-Za-z_]\w*)`\s*\|\s*`(?P<default>[^`]
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "scale.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "entdyn", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
 
 
@@ -127,7 +127,7 @@ def test_rules_text_defaults_round_trip_through_make_rule():
 
 def test_rules_command_stays_torch_free():
     code = (
-        "import sys, io, contextlib; from scale.cli import main\n"
+        "import sys, io, contextlib; from entdyn.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()): assert main(['rules']) == 0\n"
         "assert 'torch' not in sys.modules, 'entdyn rules imported torch'"
     )

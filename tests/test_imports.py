@@ -15,7 +15,7 @@ MODULES = [
     "toy",
     "theory, toy",
     "theory.rules, toy.bandit, toy.grpo, toy.demo, toy.run, toy.experiments, toy.plotting",
-    "scale, scale.cli, scale.adapters, scale.plot, scale.models",
+    "entdyn, entdyn.cli, scale, scale.config, scale.flags, scale.adapters, scale.plot, scale.models",
 ]
 
 

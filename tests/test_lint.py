@@ -16,6 +16,6 @@ def test_ruff_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     if not Path(ruff).exists():
         pytest.skip("ruff is not installed")
-    targets = [d for d in ("theory", "toy", "scale", "tests", "benchmarks") if (ROOT / d).exists()]
+    targets = [d for d in ("theory", "toy", "scale", "entdyn", "tests", "benchmarks") if (ROOT / d).exists()]
     proc = subprocess.run([ruff, "check", *targets], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

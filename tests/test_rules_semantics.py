@@ -2,8 +2,8 @@
 
 Expected values are computed in this file with plain python loops (or ``numpy.quantile`` per group),
 never with :mod:`theory.rules` helpers, following the reference behaviours: Clip_B/Clip_V as in
-Trinity-RFT and arXiv 2602.03392 (docs: theory.md §5), Clip-Cov/KL-Cov as in verl (anchors.md §2-3),
-PPL and position shaping as in arXiv 2508.02260 (paper2.md §4). Every fixture also asserts a literal
+Trinity-RFT and arXiv 2602.03392 (docs/equations.md §5, docs/rules.md), Clip-Cov/KL-Cov as in verl,
+PPL and position shaping as in arXiv 2508.02260 (docs/rules.md). Every fixture also asserts a literal
 expected pattern, so a fixture that stopped exercising its rule (nothing clipped) would fail.
 """
 

@@ -26,8 +26,9 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 from scale.checkpoint import list_checkpoints  # noqa: E402
-from scale.config import ConfigError, config_from_dict, validate_distributed  # noqa: E402
+from scale.config import ConfigError, validate_distributed  # noqa: E402
 from scale.distributed import owned_slices  # noqa: E402
+from scale.flags import config_from_dict  # noqa: E402
 from scale.metrics_log import TIMING_PREFIXES, read_metrics  # noqa: E402
 
 TASK = "arithmetic:digits=1,ops=1,n_train=40,n_eval=8"
@@ -230,7 +231,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
 LAUNCHED = """
 import sys
 
-from scale.config import parse_args
+from scale.flags import parse_args
 from scale.train import train
 from test_scale_distributed import text_reward
 
@@ -251,7 +252,7 @@ def test_accelerate_launch_two_processes_equal_one_process(tmp_path, launch):
     import subprocess
     import sys
 
-    from scale.config import parse_args
+    from scale.flags import parse_args
     from scale.train import train
 
     accelerate = Path(sys.executable).parent / "accelerate"

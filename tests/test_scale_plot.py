@@ -69,7 +69,7 @@ def test_malformed_metrics_line_names_the_line(tmp_path):
 
 
 def test_cli_plot(tmp_path, capsys):
-    from scale.cli import main
+    from entdyn.cli import main
 
     _fake_run(tmp_path)
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "p")]) == 0

@@ -21,16 +21,12 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 import scale.train as train_mod  # noqa: E402
+import scale.train.loop as loop_mod  # noqa: E402
+import scale.train.setup as setup_mod  # noqa: E402
+import scale.train.update as update_mod  # noqa: E402
 from scale.checkpoint import list_checkpoints  # noqa: E402
-from scale.config import (  # noqa: E402
-    ConfigError,
-    TrainConfig,
-    build_parser,
-    config_from_dict,
-    field_docs,
-    parse_args,
-    resolve,
-)
+from scale.config import ConfigError, TrainConfig  # noqa: E402
+from scale.flags import build_parser, config_from_dict, field_docs, parse_args, resolve  # noqa: E402
 from scale.metrics_log import TIMING_PREFIXES, read_metrics  # noqa: E402
 from scale.train import RewardFunctionError, TrainingDiverged, train  # noqa: E402
 from theory.rules import RULES  # noqa: E402
@@ -159,14 +155,14 @@ def test_resume_needs_a_checkpoint_and_an_existing_run_needs_resume(tmp_path):
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint_intact(tmp_path, monkeypatch, capsys):
     cfg = make_cfg(tmp_path, run={"steps": 4, "save_every": 1, "keep_checkpoints": 3})
     hashes = {}
-    real_save = train_mod.save_checkpoint
+    real_save = setup_mod.save_checkpoint
 
     def spy_save(run_dir, step, **kw):
         path = real_save(run_dir, step, **kw)
         hashes[step] = digest(path)
         return path
 
-    real_loss = train_mod.grpo_loss
+    real_loss = update_mod.grpo_loss
     calls = {"step": 0}
 
     def nan_loss(*args, **kwargs):
@@ -175,15 +171,15 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint_intact(tmp_path, m
             loss = loss * float("nan")
         return loss, metrics
 
-    real_sample = train_mod.sample
+    real_sample = loop_mod.sample
 
     def counting_sample(*args, **kwargs):
         calls["step"] += 1
         return real_sample(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", spy_save)
-    monkeypatch.setattr(train_mod, "grpo_loss", nan_loss)
-    monkeypatch.setattr(train_mod, "sample", counting_sample)
+    monkeypatch.setattr(setup_mod, "save_checkpoint", spy_save)
+    monkeypatch.setattr(update_mod, "grpo_loss", nan_loss)
+    monkeypatch.setattr(loop_mod, "sample", counting_sample)
     with pytest.raises(TrainingDiverged, match=r"^step 3: non-finite loss"):
         train(cfg, reward_fn=text_reward)
     run = Path(cfg.run.out)
@@ -194,7 +190,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint_intact(tmp_path, m
     assert [r["step"] for r in metric_rows(run)] == [1, 2]
 
     # the CLI reports it with exit status 1
-    monkeypatch.setattr(train_mod, "grpo_loss", nan_loss)
+    monkeypatch.setattr(update_mod, "grpo_loss", nan_loss)
     calls["step"] = 0
     argv = ["--out", str(tmp_path / "cli"), "--steps", "3", "--task", TASK, "--prompts", "2", "--group-size",
             "4", "--max-new-tokens", "8", "--save-every", "1", "--progress", "off",
@@ -302,7 +298,7 @@ def test_bfloat16_mixed_precision_keeps_float32_master_weights(tmp_path):
     below a bfloat16 rounding step still moves, float32 diagnostics."""
     cfg = make_cfg(tmp_path, model={"dtype": "bf16"}, optim={"lr": 1e-7}, diag={"diag_every": 1},
                    run={"steps": 1, "save_every": 1})  # fmt: skip
-    init = {k: v.clone() for k, v in train_mod._load_model(cfg)[0].state_dict().items()}
+    init = {k: v.clone() for k, v in setup_mod.load_model(cfg)[0].state_dict().items()}
     train(cfg, reward_fn=text_reward)
     r = metric_rows(cfg.run.out)[-1]
     for key in ("loss/total", "entropy", "theory/dH_measured", "theory/dH_jvp", "theory/dH_tabular"):
@@ -372,7 +368,7 @@ def test_metrics_and_samples_schema(tmp_path):
 
 
 def test_cli_tiny_two_steps(tmp_path):
-    from scale.cli import main as cli_main
+    from entdyn.cli import main as cli_main
 
     out = tmp_path / "cli"
     assert cli_main(["train", "--model", "tiny", "--steps", "2", "--out", str(out), "--progress", "log"]) == 0
@@ -468,7 +464,7 @@ def test_behaviour_logprobs_match_generate_scores():
 def test_lr_schedule_warmup_and_decay():
     cfg = config_from_dict({"optim": {"schedule": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1,
                                       "minibatches": 2}, "run": {"steps": 6}})  # fmt: skip
-    f = train_mod._lr_lambda(cfg)
+    f = setup_mod.lr_lambda(cfg)
     ups = cfg.updates_per_step * cfg.run.steps
     vals = [f(u) for u in range(ups)]
     assert vals[:4] == [0.25, 0.5, 0.75, 1.0]

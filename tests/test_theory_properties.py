@@ -220,7 +220,7 @@ def test_theorem_3_3_residual_is_second_order(be, data, z, alpha, sign):
     D = to_numpy(T.deviation(zb, kb))
     np.testing.assert_allclose(pred, -alpha * D, rtol=1e-12, atol=1e-16)
     exact = to_numpy(T.exact_entropy_change(zb, be.asarray(dz)))
-    # theory.md §9 observes residual / alpha^2 < 0.2 for logits of scale <= 4
+    # docs/equations.md §9: residual <= 0.25 alpha^2 for logits of scale <= 4
     assert np.all(np.abs(exact - pred) <= 0.25 * alpha**2)
 
 

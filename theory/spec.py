@@ -13,7 +13,7 @@ field type      accepted text
 ``float``       any number (``0.2``, ``1e-4``, ``3``)
 ``str``         the text, stripped
 ``Literal``     one of the listed strings
-``X | None``    ``none`` / ``null`` (any case) for None, otherwise as ``X``
+``X | None``    ``none`` / ``null`` (any case) for None, otherwise as ``X`` (a plain ``str`` keeps the text)
 ``tuple[X,..]`` elements separated by ``/`` (``clamp=0.8/1.2``), each as ``X``
 ==============  ==================================================================================
 
@@ -109,10 +109,12 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     """
     base, optional = _unwrap_optional(tp)
     text = value.strip() if isinstance(value, str) else None
-    if value is None or (text is not None and text.lower() in ("none", "null")):
+    if value is None:
         if optional:
             return None
         raise SpecError(where, f"must not be none (expected {getattr(base, '__name__', base)})")
+    if optional and text is not None and text.lower() in ("none", "null"):
+        return None
     origin = typing.get_origin(base)
     if origin is Literal:
         choices = typing.get_args(base)

@@ -194,7 +194,3 @@ class StageDetector:
             if rel_drop < self.tau_entropy and flat_acc:
                 stage, plateau_step = "plateau", step
         return StageState(step, ema_h, ema_a, history, stage, plateau_step)
-
-    def config(self) -> dict:
-        keys = ("window", "ema", "tau_entropy", "tau_accuracy", "override_step")
-        return {k: getattr(self, k) for k in keys}

@@ -7,7 +7,7 @@ Usage::
     entdyn toy NAME [NAME ...] [--out DIR] [--quick] [--seed S] [--runs R] [--steps N]
     entdyn plot RUN_DIR [--out DIR]
     entdyn train [--model tiny] [--task SPEC] [--rule SPEC] [--steps N] [--out DIR] [--resume DIR] ...
-    python -m scale.cli demo ...
+    python -m entdyn demo ...
 
 Subcommands:
 
@@ -33,16 +33,19 @@ Subcommands:
     GRPO fine-tuning of a causal LM (``tiny``, ``smollm2-135m`` or a local Hugging Face directory) on a
     verifiable task with a :mod:`theory.rules` rule, logging the entropy dynamics: measured vs predicted
     entropy change per update, quadrant shares, samples with per-token entropy and ``S*``; checkpoints
-    and exact ``--resume``. ``entdyn train --help`` lists every flag (:mod:`scale.config`); the same
-    as ``python -m scale.train``. Imports torch (only this subcommand does).
+    and exact ``--resume``. ``entdyn train --help`` lists every flag (one per field of
+    :mod:`scale.config`, :mod:`scale.flags`); the same as ``python -m scale.train``. Running it imports
+    torch (only this subcommand does; its ``--help`` does not).
 
 ``plot``
     Figures from a run directory of ``train`` (:mod:`scale.plot`): reward, entropy by polarity, the
     measured vs predicted entropy change, the position profile, and ``tokens.html`` / ``tokens.png``
     with every sampled token coloured by its entropy and by its quadrant.
 
-Each subcommand imports its implementation lazily inside its handler, so ``import scale.cli`` stays
-light and never imports torch; only subcommands that need torch (``train``) will import it.
+The CLI sits above the packages: it is the one place that imports both :mod:`toy` and :mod:`scale`
+(``toy -> theory <- scale``, ``entdyn -> all three``). Each subcommand imports its implementation lazily
+inside its handler, so ``import entdyn.cli`` stays light and never imports torch; only running ``train``
+does.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+
+from scale.flags import TRAIN_DESCRIPTION, add_train_arguments  # torch-free: dataclasses and argparse
 
 __all__ = ["build_parser", "format_rules", "main"]
 
@@ -77,9 +82,11 @@ def _cmd_toy(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from scale.train import main as train_main  # lazy: imports torch and transformers
+    from scale.flags import resolve
+    from scale.train import run_cli  # lazy: imports torch and transformers
 
-    return train_main(args.train_args)
+    overrides = {k: v for k, v in vars(args).items() if k == "config" or "." in k}  # the flags typed
+    return run_cli(lambda: resolve(overrides))
 
 
 def _format_default(value) -> str:
@@ -214,14 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--no-progress", action="store_true", help="no progress bar")
     toy.set_defaults(handler=_cmd_toy)
 
-    # train's flags are built from scale.config (which imports torch), so they are parsed by
-    # scale.train.main; here the subcommand only collects its arguments (see main()).
     train = sub.add_parser(
         "train",
-        add_help=False,
         help="GRPO training with entropy-dynamics diagnostics (entdyn train --help for the flags)",
-        description="GRPO training; run 'entdyn train --help' for the flags.",
+        description=TRAIN_DESCRIPTION,
+        argument_default=argparse.SUPPRESS,  # only the flags typed override the config file / saved run
     )
+    add_train_arguments(train)  # one flag per scale.config field (torch-free)
     train.set_defaults(handler=_cmd_train)
 
     plot = sub.add_parser(
@@ -249,11 +255,7 @@ def _positive_int(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``entdyn`` console script; returns the process exit status."""
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "train":
-        args.train_args = rest  # parsed by scale.train.main (flags from scale.config)
-    elif rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     if getattr(args, "n", None) is not None and args.n < 1:
         parser.error("--n must be a positive integer")
     if args.command == "toy" and args.out is None:
