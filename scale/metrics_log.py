@@ -3,8 +3,11 @@ r"""What the trainer writes per step: ``metrics.jsonl``, TensorBoard events, ``s
 Files in ``RUN_DIR`` (``entdyn plot`` reads exactly these; key names are stable):
 
 * ``metrics.jsonl``: one JSON object per training step, ``{"step": s, "<key>": float | null, ...}``,
-  keys flat and slash-grouped; ``null`` means undefined for that step (e.g. ``entropy/neg`` when no
-  sample had a negative advantage). Steps count from 1; step ``s`` is the ``s``-th update.
+  keys flat and slash-grouped; ``null`` means not computed that step (e.g. ``eval/*`` between
+  evaluations). A mean over an empty set of tokens is 0 (:mod:`theory.diagnostics`, as the rules and
+  the toy report it): ``entropy/neg`` is 0 when no sample had a negative advantage, which
+  ``adv/neg_frac = 0`` tells apart (``entdyn plot`` leaves such steps out). Steps count from 1; step
+  ``s`` is the ``s``-th update.
 * ``tb/``: the same scalars as TensorBoard events (skipped when tensorboard cannot be imported).
 * ``samples/step_XXXXXX.jsonl``: a few completions of the step, one JSON object per line (below).
 * ``config.yaml``: the resolved configuration (:mod:`scale.config`); ``checkpoints/``
@@ -30,9 +33,10 @@ key                                meaning
 ``reward/errors_total``            reward-function errors since the run started
 ``adv/abs_mean``                   mean ``|A|`` over sequences
 ``entropy``                        *before*: mean token entropy ``H`` of the full next-token distribution
-``entropy/pos``, ``entropy/neg``   the same over tokens of samples with ``A > 0`` / ``A < 0``
+``entropy/pos``, ``entropy/neg``   the same over tokens of samples with ``A > 0`` / ``A < 0`` (0 if none)
+``adv/pos_frac``, ``adv/neg_frac`` fraction of tokens of samples with ``A > 0`` / ``A < 0``
 ``entropy/pos_bucket_<i>``         the same over tokens at relative position ``t/|o| in [i/K, (i+1)/K)``
-                                   (``K = diag.pos_buckets``, ``t`` from 0)
+                                   (``K = diag.pos_buckets``, ``t`` from 0; 0 if no token)
 ``logp/mean``                      *before*: mean log-prob of the sampled tokens
 ``s_star/mean``, ``s_star/std``    *before*: token mean and std of ``S* = p_k (H + log p_k)`` (E2)
 ``baseline/mean``                  *before*: token mean of ``E_p[S]`` (E7)

@@ -39,6 +39,8 @@ KEYS: dict[str, tuple[str, ...]] = {
     "dH_jvp": ("theory/dH_jvp", "dH_jvp"),
 }
 POS_BUCKET_PREFIX = ("entropy/pos_bucket_", "entropy/position_")
+#: a metric is undefined (a mean over no token, logged as 0) in the steps where its guard is 0
+EMPTY_WHEN = {"entropy/pos": "adv/pos_frac", "entropy/neg": "adv/neg_frac"}
 QUADRANT_NAMES = ("pos_high", "pos_low", "neg_high", "neg_low")
 QUADRANT_COLORS = ("#d62728", "#ff7f0e", "#1f77b4", "#2ca02c")  # code 0..3; -1 (undefined) grey
 
@@ -77,8 +79,9 @@ def load_samples(run_dir: str | Path, step: int | None = None) -> tuple[int | No
 def _series(rows: list[dict], name: str) -> tuple[list[int], list[float], str | None]:
     """(steps, values, key used) of metric ``name`` (a :data:`KEYS` entry or a raw key)."""
     for key in KEYS.get(name, (name,)):
+        guard = EMPTY_WHEN.get(key)
         pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)
-               and math.isfinite(r[key])]
+               and math.isfinite(r[key]) and not (guard and r.get(guard) == 0)]
         if pts:
             return [p[0] for p in pts], [float(p[1]) for p in pts], key
     return [], [], None

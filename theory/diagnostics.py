@@ -76,10 +76,12 @@ def batch_statistics(
             quadrant (``theory.quadrant``); default ``adv``.
 
     Returns:
-        ``entropy``, ``entropy/pos``, ``entropy/neg``, ``logp/mean``, ``s_star/mean``, ``s_star/std``,
-        ``baseline/mean``, ``deviation/mean`` (Cor 3.4: about 0 on-policy), ``theory/cor35_ratio``
-        (Cor 3.5) and ``quad/<q>_frac`` for the four quadrants of :data:`theory.QUADRANTS` (fractions of
-        the valid tokens). Means over an empty set are 0 (module docstring).
+        ``entropy``, ``entropy/pos``, ``entropy/neg``, ``adv/pos_frac`` and ``adv/neg_frac`` (the
+        fractions of valid tokens with ``A > 0`` / ``A < 0``: 0 marks an empty ``entropy/pos|neg``),
+        ``logp/mean``, ``s_star/mean``, ``s_star/std``, ``baseline/mean``, ``deviation/mean`` (Cor 3.4:
+        about 0 on-policy), ``theory/cor35_ratio`` (Cor 3.5) and ``quad/<q>_frac`` for the four
+        quadrants of :data:`theory.QUADRANTS` (fractions of the valid tokens). Means over an empty set
+        are 0 (module docstring).
 
     Example:
         >>> import numpy as np
@@ -93,10 +95,13 @@ def batch_statistics(
     dev = s_star - baseline
     s_mean = masked_mean(s_star, valid)
     dev_mean = masked_mean(dev, valid)
+    pos, neg = valid & (adv > 0), valid & (adv < 0)
     out = {
         "entropy": masked_mean(entropy, valid),
-        "entropy/pos": masked_mean(entropy, valid & (adv > 0)),
-        "entropy/neg": masked_mean(entropy, valid & (adv < 0)),
+        "entropy/pos": masked_mean(entropy, pos),
+        "entropy/neg": masked_mean(entropy, neg),
+        "adv/pos_frac": masked_mean(xp.astype(pos, entropy.dtype), valid),
+        "adv/neg_frac": masked_mean(xp.astype(neg, entropy.dtype), valid),
         "logp/mean": masked_mean(logp, valid),
         "s_star/mean": s_mean,
         "s_star/std": masked_std(s_star, valid, s_mean),
