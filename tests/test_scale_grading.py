@@ -297,3 +297,27 @@ def test_evaluate_samples_end_to_end():
         evaluate_samples(problems, [["a"], ["b", "c"], ["d"]])
     with pytest.raises(ValueError, match=r"k must lie in \[1, n=4\]"):
         evaluate_samples(problems, completions, ks=[5])
+
+
+def test_a_grader_registered_in_one_place_is_accepted_and_used():
+    """The grader registry: one register_grader call, and problems, grade() and the reward use it."""
+    from scale.grading import GRADERS, CorrectnessReward, GradeResult, grade, register_grader
+    from scale.tasks import Problem
+
+    with pytest.raises(ValueError, match="Problem.grader must be one of"):
+        Problem("name a palindrome", "", grader="palindrome")
+
+    def palindrome(answer, problem, timeout_s):
+        ok = answer is not None and answer == answer[::-1]
+        return GradeResult(ok, answer, "palindrome")
+
+    register_grader("palindrome", palindrome)
+    try:
+        p = Problem("name a palindrome", "", grader="palindrome")
+        assert grade(r"\boxed{level}", p) and not grade(r"\boxed{levels}", p)
+        assert CorrectnessReward()(r"\boxed{noon}", p) == 1.0
+        with pytest.raises(ValueError, match="already registered"):
+            register_grader("palindrome", lambda a, p, t: GradeResult(False, a, "x"))
+    finally:
+        del GRADERS["palindrome"]
+    assert sorted(GRADERS) == ["countdown", "math", "sorting"]
