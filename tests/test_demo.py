@@ -48,7 +48,7 @@ def test_demo_is_reproducible(tmp_path):
 
 def test_cli_demo_subcommand(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "scale.cli", "demo", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "entdyn", "demo", "--quick", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         env={"MPLBACKEND": "Agg", "PATH": ""},

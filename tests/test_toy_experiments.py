@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import theory
-from scale.cli import main as cli_main
+from entdyn.cli import main as cli_main
 from theory.rules import ClipB
 from toy.bandit import Bandit, sample_tokens
 from toy.experiments import EXPERIMENTS, run_experiment

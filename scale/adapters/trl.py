@@ -72,8 +72,10 @@ What the subclass changes
 
 4. **Logging** through TRL's own ``_metrics`` (so ``report_to``, ``log_history`` and the console get
    them), under the key names of the project's trainer (:mod:`scale.metrics_log`), all computed over
-   the global generation batch before the update: ``entropy/pos``, ``entropy/neg`` (tokens of samples
-   with ``A > 0`` / ``A < 0``), ``logp/mean``, ``s_star/mean``, ``s_star/std``, ``baseline/mean``,
+   the global generation batch before the update by :func:`theory.diagnostics.batch_statistics` (the
+   trainer's and the toy's code; a mean over no token is 0): ``entropy/pos``, ``entropy/neg`` (tokens
+   of samples with ``A > 0`` / ``A < 0``), ``adv/pos_frac``, ``adv/neg_frac``, ``logp/mean``,
+   ``s_star/mean``, ``s_star/std``, ``baseline/mean``,
    ``deviation/mean`` (``S* − E_p[S]``; Cor 3.4: ≈ 0 on-policy), ``theory/cor35_ratio``,
    ``quad/<q>_frac`` (sign(``A_eff``) x sign(``S* − E_p[S]``)), ``loss/kept_frac`` (kept / valid tokens),
    ``rule/<name>`` (the rule's metrics), and the tabular prediction ``diag/dH_tabular`` (with its
@@ -106,7 +108,6 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from trl import GRPOTrainer
@@ -115,6 +116,7 @@ import theory
 from scale.distributed import gathered
 from scale.loss import LossConfig, grpo_loss, loss_normaliser
 from scale.token_stats import token_stats
+from theory.diagnostics import batch_statistics, tabular_entropy_change
 from theory.rules import Rule, RuleOutput, TokenBatch, make_rule
 
 try:  # TRL helpers (reused, not copied); absent in other TRL versions -> no-op contexts
@@ -393,14 +395,13 @@ class EntropyRuleGRPOTrainer(GRPOTrainer):
             clipped = ((A > 0) & (r > 1 + self.epsilon_high)) | ((A < 0) & (r < 1 - self.epsilon_low))
         else:
             r, clipped = torch.ones_like(A), torch.zeros_like(keep)
-        c = torch.where(keep & ~clipped, w * A * r, 0.0)
+        wa = torch.where(keep & ~clipped, w * A, 0.0)  # 0 where the ratio is clipped (no gradient)
         P = self.accelerator.num_processes
         ga = self._accumulation(mode)
         kind = self.loss_type
         if kind == "dapo":  # per micro-batch / (N_kept / P * GA / SPG); DDP mean over P; sum over GA
             spg = self.args.steps_per_generation if mode == "train" else 1
-            n = n_kept.clamp_min(1.0) * ga / spg
-            scale = torch.full_like(A, 1.0) / n
+            norm = n_kept.clamp_min(1.0) * ga / spg
         else:
             micro_ids = torch.unique(micro, return_inverse=True)[1]
             n_micro = int(micro_ids.max()) + 1
@@ -415,52 +416,30 @@ class EntropyRuleGRPOTrainer(GRPOTrainer):
                     denom = denom * keep.sum(-1, keepdim=True).float().clamp_min(1.0)
                 else:  # dr_grpo
                     denom = denom * float(self.max_completion_length)
-            scale = (1.0 / (denom * ga * P)).expand_as(A)
-        lr = self.args.learning_rate
-        sched = getattr(self, "lr_scheduler", None)
-        if sched is not None:
-            with contextlib.suppress(Exception):
-                lr = float(sched.get_last_lr()[0])
-        return lr * c * scale
+            norm = denom * ga * P
+        # the rate of the coming update: what the scheduler last set on the optimizer (before the first
+        # step, before TRL has built one, the configured rate)
+        opt = getattr(self, "optimizer", None)
+        lr = float(opt.param_groups[0]["lr"]) if opt is not None else float(self.args.learning_rate)
+        return theory.effective_step_size(lr, wa, ratio=r, normaliser=norm)  # (E5) per token
 
     @torch.no_grad()
     def _log_rule_window(self, mode, batch: TokenBatch, s_star, out: RuleOutput | None, keep, n_kept,
                          micro) -> None:
         valid = batch.valid
-        n_tok = valid.sum().to(torch.float32)
-        nt = n_tok.clamp_min(1.0)
-        nan = torch.tensor(float("nan"), device=valid.device)
-
-        def mmean(x, m):
-            n = m.sum()
-            return torch.where(n > 0, torch.where(m, x, 0.0).sum() / n.clamp_min(1), nan)
-
-        H, base, A = batch.entropy, batch.baseline, batch.adv
         S = torch.where(valid, s_star, 0.0)
-        dev = torch.where(valid, S - base, 0.0)
-        A_eff = A if out is None else out.adv
-        A_eff = torch.where(keep, A_eff, 0.0)
+        A_eff = torch.where(keep, batch.adv if out is None else out.adv, 0.0)
         m: dict[str, torch.Tensor] = {}
-        if self.diagnostics:
-            s_mean = S.sum() / nt
-            dev_mean = dev.sum() / nt
-            m["entropy/pos"] = mmean(H, valid & (A > 0))
-            m["entropy/neg"] = mmean(H, valid & (A < 0))
-            m["logp/mean"] = torch.where(valid, batch.logp, 0.0).sum() / nt
-            m["s_star/mean"] = s_mean
-            m["s_star/std"] = (torch.where(valid, (S - s_mean) ** 2, 0.0).sum() / nt).sqrt()
-            m["baseline/mean"] = torch.where(valid, base, 0.0).sum() / nt
-            m["deviation/mean"] = dev_mean
-            m["theory/cor35_ratio"] = s_mean.abs() / dev_mean.abs()
-            quad = theory.quadrant(A_eff, dev)
+        if self.diagnostics:  # the batch statistics of theory.diagnostics (the trainer's, the toy's)
+            m = batch_statistics(entropy=batch.entropy, logp=batch.logp, s_star=S, baseline=batch.baseline,
+                                 adv=batch.adv, valid=valid, adv_eff=A_eff)  # fmt: skip
+            del m["entropy"]  # TRL logs its own "entropy" (from the loss forward)
             alpha = self._token_alpha(batch, out, keep, n_kept, micro, mode)
-            dh = torch.where(valid, -alpha * dev, 0.0)
-            m["diag/dH_tabular"] = dh.sum() / nt
-            for q, name in enumerate(theory.QUADRANTS):
-                sel = valid & (quad == q)
-                m[f"quad/{name}_frac"] = sel.sum() / nt
-                m[f"diag/dH_tabular/{name}"] = torch.where(sel, dh, 0.0).sum() / nt
-            m["loss/kept_frac"] = n_kept / nt
+            dev = torch.where(valid, S - batch.baseline, 0.0)
+            dh, parts = tabular_entropy_change(alpha, dev, A_eff, valid)
+            m["diag/dH_tabular"] = dh
+            m.update({f"diag/dH_tabular/{name}": v for name, v in parts.items()})
+            m["loss/kept_frac"] = n_kept / valid.sum().to(torch.float32).clamp_min(1.0)
         if out is not None:
             for k, v in out.metrics.items():
                 m[f"rule/{k}"] = torch.as_tensor(v, device=valid.device)
@@ -562,66 +541,8 @@ class EntropyRuleGRPOTrainer(GRPOTrainer):
             self._metrics[mode][k].append(v if math.isfinite(v) else float("nan"))
 
 
-# ----------------------------------------------------------------------------------------------------
-# launcher: ``python -m scale.adapters.trl`` / ``accelerate launch -m scale.adapters.trl``
-
-
-@dataclasses.dataclass
-class ScriptArguments:
-    """Options of :func:`main` besides TRL's ``GRPOConfig`` (every ``GRPOConfig`` field is a flag too)."""
-
-    model: str = dataclasses.field(default="tiny", metadata={"help": "scale.models.load_model name or dir"})
-    task: str = dataclasses.field(default="arithmetic:digits=1,ops=1,n_train=128,n_eval=16",
-                                  metadata={"help": "scale.tasks.make_task spec"})
-    rule: str | None = dataclasses.field(default=None, metadata={"help": "theory.rules spec, e.g. clip_b"})
-    diagnostics: bool = dataclasses.field(default=True, metadata={"help": "log the entropy diagnostics"})
-    model_seed: int = dataclasses.field(default=0, metadata={"help": "seed of the 'tiny' random weights"})
-    length_penalty: float = dataclasses.field(
-        default=0.0, metadata={"help": "reward -= length_penalty * characters (signal for untrained models)"})
-
-
-def main(argv: Sequence[str] | None = None) -> Any:
-    """Train with :class:`EntropyRuleGRPOTrainer` on a :mod:`scale.tasks` task; returns the trainer.
-
-    Flags: :class:`ScriptArguments` plus every ``trl.GRPOConfig`` field (TRL's ``TrlParser``), e.g.::
-
-        accelerate launch --num_processes 2 --cpu -m scale.adapters.trl --rule clip_b \\
-            --output_dir runs/trl --max_steps 2 --per_device_train_batch_size 8 --num_generations 4 \\
-            --max_completion_length 16 --use_cpu --report_to none
-    """
-    from datasets import Dataset
-    from trl import GRPOConfig, TrlParser
-
-    from scale.grading import CorrectnessReward
-    from scale.models import load_model
-    from scale.tasks import format_prompt, make_task
-
-    script, cfg = TrlParser((ScriptArguments, GRPOConfig)).parse_args_and_config(argv)
-    model, tok = load_model(script.model, seed=script.model_seed)
-    task = make_task(script.task, seed=cfg.seed)
-    ds = Dataset.from_dict({"prompt": [format_prompt(p, tok) for p in task.train],
-                            "answer": [p.answer for p in task.train]})
-    grade = CorrectnessReward()
-
-    def reward(completions, answer, **_):
-        texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
-        return [grade(t, a) - script.length_penalty * len(t) for t, a in zip(texts, answer, strict=True)]
-
-    trainer = EntropyRuleGRPOTrainer(model=model, processing_class=tok, reward_funcs=[reward], args=cfg,
-                                     train_dataset=ds, rule=script.rule, diagnostics=script.diagnostics)
-    trainer.train()
-    return trainer
-
-
-def end_process_group() -> None:
-    """Leave the process group (if any) before the interpreter exits: a gloo group torn down at exit can
-    abort a process ("terminate called without an active exception") while its peer still runs."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
+# the launcher (``python -m scale.adapters.trl``) lives in trl_cli; its names are importable from here
+from .trl_cli import ScriptArguments, end_process_group, main  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover - exercised through the documented command
     main()
