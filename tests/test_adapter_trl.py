@@ -189,6 +189,28 @@ def test_unsupported_trl_options_are_refused(tmp_path, overrides, words):
         _trainer(tmp_path, rule="clip_b", **overrides)
 
 
+def test_diagnostics_empty_set_is_zero_and_lr_is_the_optimizers(tmp_path):
+    """No sample with A < 0: ``entropy/neg`` is the documented 0 (theory.diagnostics), not NaN; the (E5)
+    step sizes behind ``diag/dH_tabular`` use the optimizer's current rate once there is an optimizer."""
+    trainer = _trainer(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    adv = torch.tensor([[1.0] * 3, [0.0] * 3])  # one sample with A > 0, one with A = 0, none with A < 0
+    batch = TokenBatch(logp=-torch.rand(2, 3, generator=g), adv=adv, valid=valid,
+                       entropy=torch.rand(2, 3, generator=g), baseline=torch.rand(2, 3, generator=g) * 0.1)
+    s_star = torch.rand(2, 3, generator=g) * 0.1
+    n_kept, micro = valid.sum().float(), torch.zeros(2, dtype=torch.long)
+    trainer._log_rule_window("train", batch, s_star, None, valid, n_kept, micro)
+    m = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert m["entropy/neg"] == 0.0 and m["adv/neg_frac"] == 0.0 and m["adv/pos_frac"] == pytest.approx(2 / 5)
+    assert all(torch.isfinite(torch.tensor(v)) for v in m.values()), m
+    alpha = trainer._token_alpha(batch, None, valid, n_kept, micro, "train")  # no optimizer: args' lr
+    trainer.create_optimizer()
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 0.25 * trainer.args.learning_rate  # what a scheduler would set
+    torch.testing.assert_close(trainer._token_alpha(batch, None, valid, n_kept, micro, "train"), 0.25 * alpha)
+
+
 def test_two_steps_through_trl_log_rule_metrics(tmp_path):
     t0 = time.perf_counter()
     trainer = main(["--rule", "clip_b:mu=0.5+high_entropy_mask:rho=0.5", "--length_penalty", "0.01",

@@ -81,7 +81,7 @@ What the subclass changes
    ``rule/<name>`` (the rule's metrics), and the tabular prediction ``diag/dH_tabular`` (with its
    quadrant parts ``diag/dH_tabular/<q>``): the token mean of the (E6) term ``−α_t (S*_t − E_p[S]_t)``
    with ``α_t = lr · w_t A_eff,t r_t / n_t`` (0 when the ratio is clipped), ``n_t`` the token's share of
-   the loss normaliser above (per optimizer step) and ``lr`` the scheduler's current rate -- the
+   the loss normaliser above (per optimizer step) and ``lr`` the optimizer's current rate -- the
    entropy change a plain SGD step on one free logit vector per state would produce (gradient clipping
    and Adam's rescaling are not in it, so with a real network it predicts the direction and the
    relative size, not the magnitude). TRL's own keys (``entropy``, ``clip_ratio/*``, ``kl``) are logged
