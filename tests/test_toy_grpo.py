@@ -12,7 +12,7 @@ import theory
 from theory import pass_at_k
 from theory.rules import ClipB, EntropyBonus, HighEntropyMask
 from toy.bandit import Bandit, sample_tokens
-from toy.grpo import GRPOConfig, _logit_gradient, init_state, step
+from toy.grpo import GRPOConfig, _add_logit_gradient, _flat_index, init_state, step
 
 
 def test_sample_tokens_matches_probabilities_and_skips_zero():
@@ -35,18 +35,37 @@ def test_pass_at_k_matches_brute_force_enumeration():
             assert pass_at_k(n, np.array(c), k) == pytest.approx(brute, abs=1e-12), (c, k)
 
 
+def _logit_gradient(coef: np.ndarray, tokens: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Oracle: sum over tokens of ``coef * (e_k - p)`` at each state, ``(R, M, G, T)`` -> ``(R, M, T, V)``.
+
+    ``d log p_k / dz = e_k - p`` (E5), so this is the logit gradient of ``sum coef * log p_k``.
+    """
+    V = p.shape[-1]
+    grad = -coef.sum(axis=2)[..., None] * p  # (R, M, T, V)
+    np.add.at(grad.reshape(-1), _flat_index(tokens, V).ravel(), coef.ravel())
+    return grad
+
+
 def test_logit_gradient_equals_explicit_sum():
+    """The update's logit gradient (unnormalised ``e`` and ``Z``, into a workspace) == the oracle ==
+    the explicit sum over tokens."""
     rng = np.random.default_rng(1)
     R, M, G, T, V = 2, 3, 4, 2, 5
     tokens = rng.integers(0, V, size=(R, M, G, T))
     coef = rng.normal(size=(R, M, G, T))
-    p = theory.softmax(rng.normal(size=(R, M, T, V)))
+    z = rng.normal(size=(R, M, T, V))
+    p = theory.softmax(z)
     want = np.zeros((R, M, T, V))
     for r, m, g, t in itertools.product(range(R), range(M), range(G), range(T)):
         e = np.zeros(V)
         e[tokens[r, m, g, t]] = 1.0
         want[r, m, t] += coef[r, m, g, t] * (e - p[r, m, t])
     np.testing.assert_allclose(_logit_gradient(coef, tokens, p), want, atol=1e-12)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    out = np.full_like(z, np.nan)
+    got = _add_logit_gradient(coef, _flat_index(tokens, V), e, e.sum(axis=-1), out=out)
+    assert got is out
+    np.testing.assert_allclose(got, want, atol=1e-12)
 
 
 def test_first_order_prediction_matches_the_realised_change():

@@ -7,7 +7,10 @@ Modules:
 * :mod:`toy.bandit`: K-armed, contextual and sequence softmax bandits (:class:`toy.bandit.Bandit`) and
   vectorised inverse-CDF sampling.
 * :mod:`toy.grpo`: GRPO over many runs at once (:func:`toy.grpo.step`), any rule from
-  :mod:`theory.rules`, with predicted vs realised entropy change per update.
+  :mod:`theory.rules`, with predicted vs realised entropy change per update (batch statistics from
+  :mod:`theory.diagnostics`).
+* :mod:`toy.run`: training over many seeds (:func:`toy.run.train`); :mod:`toy.experiments`: the named
+  experiments (``entdyn toy``); :mod:`toy.report` and :mod:`toy.plotting`: their tables, JSON and figures.
 
 Everything here is NumPy + matplotlib (never torch) and takes its formulas from :mod:`theory`.
 """

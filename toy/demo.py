@@ -34,6 +34,9 @@ from pathlib import Path
 import numpy as np
 
 import theory
+from theory.diagnostics import cor35_ratio, masked_mean
+
+from .report import jsonable, r2
 
 __all__ = [
     "DEFAULT_N",
@@ -164,12 +167,6 @@ def residual_scaling(
 # --------------------------------------------------------------------------------------------------
 
 
-def _r2(pred: np.ndarray, target: np.ndarray) -> float:
-    ss_res = float(np.sum((target - pred) ** 2))
-    ss_tot = float(np.sum((target - np.mean(target)) ** 2))
-    return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
-
-
 def _median_rel_err(pred: np.ndarray, target: np.ndarray) -> float:
     nz = target != 0
     return float(np.median(np.abs(pred[nz] - target[nz]) / np.abs(target[nz]))) if nz.any() else float("nan")
@@ -195,20 +192,17 @@ def _quadrant_stats(sim: dict[str, np.ndarray]) -> dict[str, dict]:
     return out
 
 
-def _finite_or_none(obj):
-    """Replace non-finite floats (NaN, inf) by ``None`` so that ``summary.json`` is strict JSON."""
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite_or_none(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
+def _cor35(sim: dict[str, np.ndarray]) -> tuple[float, float, float]:
+    """Corollaries 3.4/3.5 over the ``n`` states as one batch (:mod:`theory.diagnostics`): the means of
+    ``S*`` and of ``S* - E_p[S]`` and ``cor35_ratio = |mean S*| / |mean (S* - E_p[S])|``."""
+    valid = np.ones((1, sim["s_star"].shape[0]), dtype=bool)  # one batch of n one-token responses
+    mean_s, mean_d = masked_mean(sim["s_star"][None], valid), masked_mean(sim["dev"][None], valid)
+    return float(mean_s), float(mean_d), float(cor35_ratio(mean_s, mean_d))
 
 
 def _summarize(sim: dict[str, np.ndarray], scaling: dict, *, seed: int, n: int, quick: bool) -> dict:
     first, second, exact = sim["first"], sim["second"], sim["exact"]
-    mean_s, mean_d = float(np.mean(sim["s_star"])), float(np.mean(sim["dev"]))
+    mean_s, mean_d, ratio = _cor35(sim)
     se_d = float(np.std(sim["dev"], ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
     return {
         "n": n,
@@ -218,8 +212,8 @@ def _summarize(sim: dict[str, np.ndarray], scaling: dict, *, seed: int, n: int, 
         "v_range": [V_MIN, V_MAX],
         "scale_range": list(SCALE_RANGE),
         "entropy_range": [float(sim["H"].min()), float(sim["H"].max())],
-        "r2_first_order": _r2(first, exact),
-        "r2_second_order": _r2(second, exact),
+        "r2_first_order": r2(exact, first),
+        "r2_second_order": r2(exact, second),
         "median_rel_err_first": _median_rel_err(first, exact),
         "median_rel_err_second": _median_rel_err(second, exact),
         "sign_agreement": float(np.mean(sim["pred_sign"] == np.sign(exact))),
@@ -228,7 +222,7 @@ def _summarize(sim: dict[str, np.ndarray], scaling: dict, *, seed: int, n: int, 
         "mean_s_star": mean_s,
         "mean_deviation": mean_d,
         "mean_deviation_stderr": se_d,
-        "cor35_ratio": abs(mean_s) / abs(mean_d) if mean_d != 0 else float("inf"),
+        "cor35_ratio": ratio,
         "mean_deviation_z": mean_d / se_d if se_d > 0 else float("nan"),
         "cor34_exact_max_abs": float(np.max(np.abs(sim["dev_expect"]))),
         "mean_pred_dH": float(np.mean(first)),
@@ -339,14 +333,24 @@ def plot_demo(sim: dict[str, np.ndarray], summary: dict, path: str | Path) -> Pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import TwoSlopeNorm
-    from matplotlib.lines import Line2D
 
     path = Path(path)
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.4), layout="constrained")
+    _panel_s_star(fig, axes[0], sim)
+    _panel_prediction(axes[1], sim, summary)
+    _panel_residuals(axes[2], summary)
+    fig.suptitle("Entropy dynamics of a softmax policy: first-order theory (arXiv 2602.03392) vs exact")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
 
-    # (a) S* over (p_k, H), infeasible region (for V = V_MAX) greyed out.
-    ax = axes[0]
+
+def _panel_s_star(fig, ax, sim: dict[str, np.ndarray]) -> None:
+    """Panel (a): ``S*`` over ``(p_k, H)``, the infeasible region (for ``V = V_MAX``) greyed out."""
+    import matplotlib
+    from matplotlib.colors import TwoSlopeNorm
+
     pk = np.logspace(-4, 0, 400)
     Hs = np.linspace(0.0, np.log(V_MAX), 300)
     P, HH = np.meshgrid(pk, Hs)
@@ -381,9 +385,12 @@ def plot_demo(sim: dict[str, np.ndarray], summary: dict, path: str | Path) -> Pa
     ax.set_title("(a) entropy discriminator $S_*$", loc="left")
     ax.legend(loc="upper left", fontsize=8.5, markerscale=6, framealpha=0.9)
 
-    # (b) predicted (first order) vs exact dH, coloured by quadrant (drawn in random order so that
-    # quadrants with the same predicted sign do not hide each other).
-    ax = axes[1]
+
+def _panel_prediction(ax, sim: dict[str, np.ndarray], summary: dict) -> None:
+    """Panel (b): predicted (first order) vs exact ``dH``, coloured by quadrant (drawn in random order
+    so that quadrants with the same predicted sign do not hide each other), with the residual inset."""
+    from matplotlib.lines import Line2D
+
     first, exact, quad = sim["first"], sim["exact"], sim["quadrant"]
     colors = np.array([*_QCOLORS, "0.5"])[quad]  # code -1 (undefined) -> grey
     order = np.random.default_rng(0).permutation(first.shape[0])
@@ -428,8 +435,9 @@ def plot_demo(sim: dict[str, np.ndarray], summary: dict, path: str | Path) -> Pa
     ins.xaxis.get_offset_text().set_fontsize(7)
     ins.yaxis.get_offset_text().set_fontsize(7)
 
-    # (c) residual scaling.
-    ax = axes[2]
+
+def _panel_residuals(ax, summary: dict) -> None:
+    """Panel (c): the median residuals of the first and second order against ``|alpha|`` (log-log)."""
     rs = summary["residual_scaling"]
     a = np.asarray(rs["alphas"])
     for key, slope, marker, color, label in (
@@ -455,12 +463,6 @@ def plot_demo(sim: dict[str, np.ndarray], summary: dict, path: str | Path) -> Pa
     ax.set_title(f"(c) residual scaling ({rs['n_states']} states)", loc="left")
     ax.legend(fontsize=9, loc="upper left")
     ax.grid(True, which="major", alpha=0.3)
-
-    fig.suptitle("Entropy dynamics of a softmax policy: first-order theory (arXiv 2602.03392) vs exact")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,7 +494,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, n: int | None = None, quick:
     scaling = residual_scaling(sim["logits"][:m], sim["k"][:m], sim["adv"][:m], alphas)
     scaling["n_states"] = m
 
-    summary = _finite_or_none(_summarize(sim, scaling, seed=seed, n=n, quick=quick))
+    summary = jsonable(_summarize(sim, scaling, seed=seed, n=n, quick=quick))
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     plot_demo(sim, summary, out_dir / FIGURE_FILE)
     return summary

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -48,16 +47,18 @@ from pathlib import Path
 import numpy as np
 
 import theory
+from theory.diagnostics import cor35_ratio
 from theory.rules import StageDetector, make_rule
 
 from .bandit import Bandit
 from .grpo import GRPOConfig, init_state, step
-from .plotting import band
+from .plotting import band, pyplot, save_figure
+from .report import compare_outcomes, final, format_table, jsonable, loglog_slope, pm, r2
 from .run import History, mean_ci, train
 
 __all__ = ["EXPERIMENTS", "ExperimentResult", "run_experiment", "format_table", "main"]
 
-PREDICTED_SIGN = {"pos_high": -1, "pos_low": 1, "neg_high": 1, "neg_low": -1}  # theory.md §4.2 table
+PREDICTED_SIGN = {"pos_high": -1, "pos_low": 1, "neg_high": 1, "neg_low": -1}  # docs/equations.md §4 table
 
 
 @dataclass
@@ -80,68 +81,22 @@ def _size(quick: bool, quick_size: Size, full_size: Size, runs: int | None, step
     return Size(runs or s.runs, steps or s.steps)
 
 
-# ------------------------------------------------------------------------------------------ helpers
-
-
-def _r2(target: np.ndarray, pred: np.ndarray) -> float:
-    target, pred = np.ravel(target), np.ravel(pred)
-    ss = np.sum((target - target.mean()) ** 2)
-    return float(1.0 - np.sum((target - pred) ** 2) / ss) if ss > 0 else float("nan")
-
-
-def _slope(x: np.ndarray, y: np.ndarray) -> float:
-    """Least-squares slope of ``log y`` on ``log x``."""
-    return float(np.polyfit(np.log(x), np.log(y), 1)[0])
-
-
-def _pm(m: float, h: float, spec: str = ".3f") -> str:
-    return f"{m:{spec}} ± {h:{spec.lstrip('+')}}"
-
-
-def _final(h: History, key: str, last: int = 10) -> tuple[float, float]:
-    """Mean over the last ``last`` steps per run, then mean and CI over runs."""
-    v = h.curves[key][-last:].mean(axis=0)
-    m, ci = mean_ci(v, axis=0)
-    return float(m), float(ci)
-
-
-def _outcome(h: History, G: int) -> dict:
-    """Final entropy, reward and pass@G (last 10 steps) and the mean reward over training, each as
-    (mean, 95% CI half-width) over seeds: the columns every comparison table shares."""
-    auc = mean_ci(h.curves["reward"].mean(axis=0), axis=0)
-    return {"entropy": _final(h, "entropy"), "reward": _final(h, "reward"),
-            f"pass_at_{G}": _final(h, f"pass_at_{G}"), "reward_auc": (float(auc[0]), float(auc[1]))}
-
-
-def _outcome_header(first: str, G: int) -> list[str]:
-    return [first, "final entropy", "final reward", f"final pass@{G}", "mean reward (AUC)"]
-
-
-def _outcome_cells(name: str, res: dict, G: int) -> list[str]:
-    """The :func:`_outcome_header` cells of one configuration's :func:`_outcome`."""
-    return [name] + [_pm(*res[k]) for k in ("entropy", "reward", f"pass_at_{G}", "reward_auc")]
-
-
-def _plt():
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, out: Path, name: str) -> str:
-    path = out / name
-    fig.savefig(path, dpi=120)
-    _plt().close(fig)
-    return name
-
-
 def _lr(eta: float, bandit: Bandit) -> float:
     M, T, _ = bandit.shape
     return eta * M * T
+
+
+def _outcome_figure(hist: dict[str, History], *, entropy_title: str, reward_label: str):
+    """A 1 x 3 figure whose first two panels show every configuration's entropy and reward (mean ± 95%
+    CI over seeds, colour ``C<i>``); the caller draws the third. Returns ``(fig, axes)``."""
+    fig, ax = pyplot().subplots(1, 3, figsize=(18, 5), layout="constrained")
+    for i, (name, h) in enumerate(hist.items()):
+        band(ax[0], h.steps, h.curves["entropy"], name, f"C{i}")
+        band(ax[1], h.steps, h.curves["reward"], name, f"C{i}")
+    ax[0].set(xlabel="step", ylabel="mean entropy (nats)", title=entropy_title)
+    ax[1].set(xlabel="step", ylabel=reward_label, title="reward")
+    ax[0].legend(fontsize=8)
+    return fig, ax
 
 
 # --------------------------------------------------------------------------------------- first-order
@@ -169,23 +124,23 @@ def first_order(out: Path, *, quick: bool, seed: int, progress: bool, runs=None,
         first = theory.entropy_change_first_order(z0, dz)
         res1.append(np.mean(np.abs(ex - first)))
         res2.append(np.mean(np.abs(ex - theory.entropy_change_second_order(z0, dz))))
-        r2_by.append(_r2(ex, first))
+        r2_by.append(r2(ex, first))
     res1, res2 = np.array(res1), np.array(res2)
     small = slice(0, 5)  # the asymptotic regime: the five smallest step sizes
     summary = {
-        "r2_first_order": _r2(real, pred),
-        "r2_second_order": _r2(real, pred2),
-        "r2_tokens_first": _r2(real, tok),
+        "r2_first_order": r2(real, pred),
+        "r2_second_order": r2(real, pred2),
+        "r2_tokens_first": r2(real, tok),
         "sign_agreement": float(np.mean(np.sign(real) == np.sign(pred))),
-        "residual_slope": _slope(etas[small], res1[small]),
-        "residual_slope_second": _slope(etas[small], res2[small]),
+        "residual_slope": loglog_slope(etas[small], res1[small]),
+        "residual_slope_second": loglog_slope(etas[small], res2[small]),
         "eta": eta,
         "sweep_eta": etas.tolist(),
         "sweep_residual_first": res1.tolist(),
         "sweep_residual_second": res2.tolist(),
         "sweep_r2_states": r2_by,  # per-state R² of (E4) at each step size
     }
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     lim = float(np.max(np.abs(real))) * 1.05
     ax[0].plot([-lim, lim], [-lim, lim], color="0.6", lw=1, ls="--", label="y = x")
@@ -199,7 +154,7 @@ def first_order(out: Path, *, quick: bool, seed: int, progress: bool, runs=None,
     ax[1].set(xlabel="per-state step size η", ylabel="mean |residual| of ΔH per state",
               title="residual vs step size (same states and samples)")
     ax[1].legend()
-    figs = [_save(fig, out, "first_order.png")]
+    figs = [save_figure(fig, out, "first_order.png")]
     table = [["quantity", "value", "target"],
              ["R² first order (training steps)", f"{summary['r2_first_order']:.5f}", "≥ 0.99"],
              ["R² second order", f"{summary['r2_second_order']:.5f}", ""],
@@ -238,7 +193,7 @@ def quadrants(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, s
         trend = h.curves["entropy"][-1] - h.curves["entropy"][0]
         m, ci = mean_ci(trend, axis=0)
         summary[f"entropy_change/{key}"] = [float(m), float(ci)]
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained", sharey=True)
     colors = dict(zip(PREDICTED_SIGN, ["C3", "C1", "C0", "C2"], strict=True))
     for ax, by in zip(axes, ("deviation", "s_star"), strict=True):
@@ -251,12 +206,12 @@ def quadrants(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, s
                title=f"keep one quadrant by sign(A) × sign({crit}); agreement "
                      f"{summary['quadrant_sign_agreement' + ('' if by == 'deviation' else '_s_star')]:.2f}")
         ax.legend(fontsize=8)
-    figs = [_save(fig, out, "quadrants.png")]
+    figs = [save_figure(fig, out, "quadrants.png")]
     table = [["kept quadrant", "by", "theory", "ΔH over run (mean ± 95% CI)"]]
     for key in hist:
         q, by = key.split("/")
         m, ci = summary[f"entropy_change/{key}"]
-        table.append([q, by, "up" if PREDICTED_SIGN[q] > 0 else "down", _pm(m, ci, "+.4f")])
+        table.append([q, by, "up" if PREDICTED_SIGN[q] > 0 else "down", pm(m, ci, "+.4f")])
     table.append(["agreement (deviation)", "", "", f"{summary['quadrant_sign_agreement']:.3f}  (≥ 0.95)"])
     table.append(["agreement (S*)", "", "", f"{summary['quadrant_sign_agreement_s_star']:.3f}"])
     curves = {k: v.to_json() for k, v in hist.items()}
@@ -280,7 +235,7 @@ def collapse(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, st
     shares = {q: float(h.diag[f"quad_{q}_dH"].sum() / total) for q in PREDICTED_SIGN}
     H0, H1 = h.curves["entropy"][0].mean(), h.curves["entropy"][-10:].mean()
     summary = {
-        "cor35_ratio": float(abs(s_mean.mean()) / abs(d_mean.mean())),
+        "cor35_ratio": float(cor35_ratio(s_mean.mean(), d_mean.mean())),  # over every step and run
         "mean_s_star": float(s_mean.mean()),
         "mean_deviation": float(d_mean.mean()),
         "entropy_start": float(H0),
@@ -291,7 +246,7 @@ def collapse(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, st
         "quadrant_share_of_dH": shares,
         "neg_share_of_dH": float(h.diag["dH_neg_first"].sum() / total),
     }
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(1, 3, figsize=(17, 4.8), layout="constrained")
     for k, hh in hist.items():
         band(ax[0], hh.steps, hh.curves["entropy"], f"entropy, {k}")
@@ -313,7 +268,7 @@ def collapse(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, st
     ax[2].set(xlabel="step", ylabel="magnitude (mean over runs)",
               title=f"Cor 3.5: ratio of overall means = {summary['cor35_ratio']:.0f}")
     ax[2].legend(fontsize=8)
-    figs = [_save(fig, out, "collapse.png")]
+    figs = [save_figure(fig, out, "collapse.png")]
     table = [["quantity", "value"],
              ["entropy start → end (GRPO)", f"{H0:.3f} → {H1:.3f}"],
              ["entropy end (REINFORCE)", f"{summary['entropy_end_reinforce']:.3f}"],
@@ -351,26 +306,20 @@ def rules(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, steps
         hist[name] = train(b, replace(base, **kw), runs=size.runs, steps=size.steps, seed=seed,
                            progress=progress and f"rules {name}")
     G = base.group_size
-    summary: dict = {"config": {"bandit": repr(b), "base": repr(base)}, "results": {}}
-    table = [_outcome_header("rule", G) + ["ratio-clip frac"]]
-    for name, h in hist.items():
-        res = _outcome(h, G) | {"ratio_clip_frac": _final(h, "ratio_clip_frac")}
-        summary["results"][name] = res
-        table.append(_outcome_cells(name, res, G) + [f"{res['ratio_clip_frac'][0]:.3f}"])
-    plt = _plt()
-    fig, ax = plt.subplots(1, 3, figsize=(18, 5), layout="constrained")
+
+    def clip_frac(h: History):
+        frac = final(h, "ratio_clip_frac")
+        return {"ratio_clip_frac": frac}, f"{frac[0]:.3f}"
+
+    results, table = compare_outcomes(hist, G, "rule", "ratio-clip frac", clip_frac)
+    summary: dict = {"config": {"bandit": repr(b), "base": repr(base)}, "results": results}
+    fig, ax = _outcome_figure(hist, entropy_title="entropy", reward_label="mean reward (accuracy)")
     for i, (name, h) in enumerate(hist.items()):
-        c = f"C{i}"
-        band(ax[0], h.steps, h.curves["entropy"], name, c)
-        band(ax[1], h.steps, h.curves["reward"], name, c)
-        band(ax[2], h.steps, h.curves[f"pass_at_{G}"], name, c)
-    ax[0].set(xlabel="step", ylabel="mean entropy (nats)", title="entropy")
-    ax[1].set(xlabel="step", ylabel="mean reward (accuracy)", title="reward")
+        band(ax[2], h.steps, h.curves[f"pass_at_{G}"], name, f"C{i}")
     ax[2].set(xlabel="step", ylabel=f"pass@{G}", title=f"pass@{G} (unbiased)")
-    ax[0].legend(fontsize=8)
     fig.suptitle(f"rules on a sequence bandit (M=16, T=4, V=10), μ=4 PPO epochs, "
                  f"{size.runs} seeds, mean ± 95% CI")
-    figs = [_save(fig, out, "rules.png")]
+    figs = [save_figure(fig, out, "rules.png")]
     curves = {k: v.to_json() for k, v in hist.items()}
     return ExperimentResult("rules", summary, curves, figs, table)
 
@@ -407,7 +356,7 @@ def stages(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, step
         "accuracy_gain_plateau": float(acc[-1] - acc[min(split, size.steps - 1)]),
         "entropy_neg_minus_pos": float(np.nanmean(h.curves["entropy_neg"] - h.curves["entropy_pos"])),
     }
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(1, 3, figsize=(17, 4.8), layout="constrained")
     band(ax[0], h.steps, h.curves["entropy"], "entropy")
     a2 = ax[0].twinx()
@@ -426,7 +375,7 @@ def stages(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, step
     if h.plateau_step is not None:
         for a in ax:
             a.axvline(h.plateau_step, color="red", lw=1)
-    figs = [_save(fig, out, "stages.png")]
+    figs = [save_figure(fig, out, "stages.png")]
     fmt = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
     table = [["quantity", "rising", "plateau"],
              ["steps", f"0–{split}", f"{split}–{size.steps}" if split < size.steps else "—"],
@@ -459,27 +408,19 @@ def shaping(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, ste
     hist = {name: train(b, replace(base, rule=spec), runs=size.runs, steps=size.steps, seed=seed,
                         detector=detector, progress=progress and f"shaping {name}")
             for name, spec in SHAPING_CONFIGS.items()}
-    G = base.group_size
-    summary: dict = {"results": {}}
-    table = [_outcome_header("method", G) + ["entropy first/last position"]]
-    for name, h in hist.items():
+
+    def profile(h: History):
         prof = h.curves["entropy_by_pos"][-10:].mean(axis=(0, 1))  # (T,)
-        res = _outcome(h, G) | {"entropy_by_position": prof.tolist(), "plateau_step": h.plateau_step}
-        summary["results"][name] = res
-        table.append(_outcome_cells(name, res, G) + [f"{prof[0]:.3f} / {prof[-1]:.3f}"])
-    plt = _plt()
-    fig, ax = plt.subplots(1, 3, figsize=(18, 5), layout="constrained")
-    for i, (name, h) in enumerate(hist.items()):
-        c = f"C{i}"
-        band(ax[0], h.steps, h.curves["entropy"], name, c)
-        band(ax[1], h.steps, h.curves["reward"], name, c)
-        ax[2].plot(np.arange(b.horizon), summary["results"][name]["entropy_by_position"], "o-", color=c,
-                   label=name)
-    ax[0].set(xlabel="step", ylabel="mean entropy (nats)", title="entropy (mean ± 95% CI)")
-    ax[1].set(xlabel="step", ylabel="mean reward", title="reward")
+        res = {"entropy_by_position": prof.tolist(), "plateau_step": h.plateau_step}
+        return res, f"{prof[0]:.3f} / {prof[-1]:.3f}"
+
+    results, table = compare_outcomes(hist, base.group_size, "method", "entropy first/last position", profile)
+    summary: dict = {"results": results}
+    fig, ax = _outcome_figure(hist, entropy_title="entropy (mean ± 95% CI)", reward_label="mean reward")
+    for i, (name, res) in enumerate(results.items()):
+        ax[2].plot(np.arange(b.horizon), res["entropy_by_position"], "o-", color=f"C{i}", label=name)
     ax[2].set(xlabel="position t", ylabel="entropy (last 10 steps)", title="entropy by position at the end")
-    ax[0].legend(fontsize=8)
-    figs = [_save(fig, out, "shaping.png")]
+    figs = [save_figure(fig, out, "shaping.png")]
     curves = {k: v.to_json() for k, v in hist.items()}
     return ExperimentResult("shaping", summary, curves, figs, table)
 
@@ -504,13 +445,13 @@ def coupling(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, st
     for k, h in hist.items():
         ex, tab, par = h.diag["dH_exact"], h.diag["dH_tokens_first"], h.diag["dH_first"]
         slope = float(np.sum(ex * tab) / np.sum(tab * tab))  # least squares through the origin
-        res = {"r2_tabular": _r2(ex, tab), "r2_param_first": _r2(ex, par), "slope_exact_on_tabular": slope,
+        res = {"r2_tabular": r2(ex, tab), "r2_param_first": r2(ex, par), "slope_exact_on_tabular": slope,
                "sign_agreement_tabular": float(np.mean(np.sign(ex) == np.sign(tab))),
-               "final_accuracy": _final(h, "accuracy")}
+               "final_accuracy": final(h, "accuracy")}
         summary["results"][k] = res
         table.append([k, f"{res['r2_tabular']:.4f}", f"{res['r2_param_first']:.5f}", f"{slope:.3f}",
                       f"{res['sign_agreement_tabular']:.3f}"])
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(hist), figsize=(6 * len(hist), 4.8), layout="constrained")
     for ax, (k, h) in zip(axes, hist.items(), strict=True):
         ex = h.diag["dH_exact"].ravel()
@@ -522,7 +463,7 @@ def coupling(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, st
                    label=f"parameter space (E4 on Φ·Δw), R²={summary['results'][k]['r2_param_first']:.4f}")
         ax.set(xlabel="predicted ΔH per step", ylabel="realised ΔH (exact)", title=k)
         ax.legend(fontsize=8)
-    figs = [_save(fig, out, "coupling.png")]
+    figs = [save_figure(fig, out, "coupling.png")]
     curves = {k: v.to_json() for k, v in hist.items()}
     return ExperimentResult("coupling", summary, curves, figs, table)
 
@@ -540,28 +481,6 @@ EXPERIMENTS: dict[str, Callable[..., ExperimentResult]] = {
 }
 
 
-def format_table(rows: list[list[str]]) -> str:
-    """A GitHub-markdown table (also readable in a terminal)."""
-    if not rows:
-        return ""
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
-    return "\n".join([line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                     + [line(r) for r in rows[1:]])
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None  # JSON has no NaN; a missing value is null
-    return obj
-
-
 def run_experiment(name: str, out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool = True,
                    runs: int | None = None, steps: int | None = None, echo: bool = True) -> ExperimentResult:
     """Run experiment ``name`` and write its files into ``out`` (created if needed)."""
@@ -577,8 +496,8 @@ def run_experiment(name: str, out: str | Path, *, quick: bool = False, seed: int
     wall = time.perf_counter() - t0
     res.summary = {"experiment": name, "quick": quick, "seed": seed, "wall_s": round(wall, 2),
                    "figures": res.figures, **res.summary}
-    (out / "summary.json").write_text(json.dumps(_jsonable(res.summary), indent=2) + "\n")
-    (out / "curves.json").write_text(json.dumps(_jsonable(res.curves)) + "\n")
+    (out / "summary.json").write_text(json.dumps(jsonable(res.summary), indent=2) + "\n")
+    (out / "curves.json").write_text(json.dumps(jsonable(res.curves)) + "\n")
     table = format_table(res.table)
     (out / "table.md").write_text(f"## toy experiment `{name}`\n\n{table}\n")
     if echo:

@@ -8,7 +8,7 @@ alone. One :func:`step`:
 2. scores them and computes advantages: group-normalised (GRPO, :func:`theory.grpo_advantages`) or
    reward minus a running per-prompt baseline (REINFORCE);
 3. builds a :class:`theory.rules.TokenBatch` of shape ``(R, M*G, T)`` and applies the configured rule —
-   **the one place where a rule's output meets the update** (the PPO-epoch loop of :func:`step`);
+   **the one place where a rule's output meets the update** (``_apply_rule``; the PPO epochs apply it);
 4. runs ``epochs`` PPO epochs on the same samples (ratio clipping with ``clip_low``/``clip_high``,
    token-mean / seq-mean / constant aggregation), each a gradient ascent step (SGD or Adam) on the
    policy's parameters;
@@ -16,8 +16,8 @@ alone. One :func:`step`:
    by position); with ``diagnostics=True`` also the realised entropy change of every state
    (:func:`theory.exact_entropy_change`) beside the first- (E4) and second-order predictions for the
    *actual* update, the per-token (E6) prediction summed over tokens ("tabular prediction"), the quadrant
-   breakdown (``sign(A) x sign(S* - E_p[S])``) with each quadrant's share, Cor 3.5's batch means, and
-   the rule's metrics.
+   breakdown (``sign(A) x sign(S* - E_p[S])``) with each quadrant's share, Cor 3.5's batch means (all
+   computed by :mod:`theory.diagnostics`, the statistics every backend logs), and the rule's metrics.
 
 Policies (:class:`GRPOConfig` ``policy``):
 
@@ -40,6 +40,7 @@ from typing import Any, Literal
 import numpy as np
 
 import theory
+from theory.diagnostics import batch_statistics, masked_mean, tabular_entropy_change
 from theory.rules import Rule, TokenBatch, make_rule
 
 from .bandit import Bandit, sample_tokens
@@ -192,7 +193,6 @@ def init_state(bandit: Bandit, cfg: GRPOConfig, *, runs: int = 1, seed: int = 0)
         state.baseline = np.zeros((runs, M))
     return state
 
-
 # --------------------------------------------------------------------------------------------------
 # array helpers (flat indices into (R, M, T, V) arrays)
 
@@ -211,15 +211,17 @@ def _gather(x: np.ndarray, flat: np.ndarray) -> np.ndarray:
     return x.reshape(-1)[flat]
 
 
-def _logit_gradient(coef: np.ndarray, tokens: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Sum over tokens of ``coef * (e_k - p)`` at each state: ``(R, M, G, T)`` -> ``(R, M, T, V)``.
+def _batch_layout(x: np.ndarray) -> np.ndarray:
+    """Per-token ``(R, M, G, T)`` -> ``(R, M*G, T)``: the layout of :class:`theory.rules.TokenBatch` and
+    of :mod:`theory.diagnostics` (one row per response). A view unless ``x`` is a broadcast."""
+    R, M, G, T = x.shape
+    return np.ascontiguousarray(x).reshape(R, M * G, T)
 
-    ``d log p_k / dz = e_k - p`` (E5), so this is the logit gradient of ``sum coef * log p_k``.
-    """
-    V = p.shape[-1]
-    grad = -coef.sum(axis=2)[..., None] * p  # (R, M, T, V)
-    np.add.at(grad.reshape(-1), _flat_index(tokens, V).ravel(), coef.ravel())
-    return grad
+
+def _all_valid(shape: tuple[int, ...]) -> np.ndarray:
+    """Every token of an ``(R, M, G, T)`` batch is a response token: the ``valid`` mask ``(R, M*G, T)``."""
+    R, M, G, T = shape
+    return np.ones((R, M * G, T), dtype=bool)
 
 
 def _workspace(state: ToyState, z: np.ndarray) -> dict[str, np.ndarray]:
@@ -247,7 +249,26 @@ def _softmax_parts(z: np.ndarray, work: dict[str, np.ndarray]):
     return s, e, Z, np.log(Z)
 
 
+def _token_logp(s: np.ndarray, logZ: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """``log p`` of each sampled token ``(R, M, G, T)`` from the softmax parts ``s``, ``log Z``."""
+    return _gather(s, flat) - logZ.reshape(-1)[flat // s.shape[-1]]
+
+
+def _add_logit_gradient(coef: np.ndarray, flat: np.ndarray, e: np.ndarray, Z: np.ndarray,
+                        out: np.ndarray) -> np.ndarray:
+    """``out = sum`` over each state's tokens of ``coef * (e_k - p)``, ``p = e / Z``: ``(R, M, T, V)``.
+
+    ``d log p_k / dz = e_k - p`` (E5), so this is the logit gradient of ``sum coef * log p_k``. ``out``
+    (a workspace array of ``e``'s shape and dtype) is overwritten: no page faults.
+    """
+    factor = (-coef.sum(axis=2) / Z).astype(e.dtype)[..., None]  # (R, M, T, 1), the policy's dtype
+    np.multiply(e, factor, out=out)
+    np.add.at(out.reshape(-1), flat.ravel(), coef.ravel())
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
+# the phases of one step
 
 
 def _draw(state: ToyState, M: int, T: int, G: int):
@@ -273,6 +294,218 @@ def _advantages(bandit: Bandit, cfg: GRPOConfig, state: ToyState, rewards: np.nd
     return adv
 
 
+@dataclass
+class _Rollout:
+    """One step's samples under the behaviour policy ``z0`` (token arrays ``(R, M, G, T)``)."""
+
+    tokens: np.ndarray  # sampled token ids
+    flat: np.ndarray  # their flat indices into (R, M, T, V) arrays
+    correct: np.ndarray  # (R, M, G) bool: the response is correct
+    rewards: np.ndarray  # (R, M, G)
+    adv: np.ndarray  # each token's sequence advantage (a broadcast view of (R, M, G))
+    noise: np.ndarray  # (R, M*G, T) the rule's uniforms
+    s: np.ndarray  # the softmax parts of z0 (:func:`_softmax_parts`; s and e live in the workspace)
+    e: np.ndarray
+    Z: np.ndarray
+    logZ: np.ndarray
+
+
+def _rollout(bandit: Bandit, cfg: GRPOConfig, state: ToyState, table: np.ndarray, z0: np.ndarray,
+             work: dict[str, np.ndarray]) -> _Rollout:
+    """Sample ``G`` responses per prompt from ``softmax(z0)``, score them, compute their advantages.
+
+    Per-run random streams, so a run does not depend on the others.
+    """
+    M, T, V = bandit.shape
+    u_tok, u_rew, noise = _draw(state, M, T, cfg.group_size)
+    s0, e0, Z0, logZ0 = _softmax_parts(z0, work)  # z - max z, exp of it (unnormalised p), sum, log sum
+    tokens = np.moveaxis(sample_tokens(e0, u_tok), -1, 2)  # (R, M, G, T)
+    correct = bandit.score(tokens, table)  # (R, M, G)
+    rewards = bandit.rewards(correct, u_rew)
+    adv = np.broadcast_to(_advantages(bandit, cfg, state, rewards)[..., None], tokens.shape)
+    return _Rollout(tokens, _flat_index(tokens, V), correct, rewards, adv, noise, s0, e0, Z0, logZ0)
+
+
+@dataclass
+class _Behaviour:
+    """Token statistics under the behaviour policy (theory functions); ``(R, M, G, T)`` per token."""
+
+    H: np.ndarray  # (R, M, T) entropy of every state
+    logp: np.ndarray  # float64 log p of each sampled token
+    H_tok: np.ndarray  # the entropy at each token's state (a broadcast view)
+    baseline: np.ndarray | None = None  # E_p[S] (E7) at each token's state; with the theory statistics
+    s_star: np.ndarray | None = None  # S* (E1)
+    dev: np.ndarray | None = None  # S* - E_p[S]
+
+
+def _behaviour_stats(z0: np.ndarray, ro: _Rollout, work: dict[str, np.ndarray], *, theory_stats: bool,
+                     float64: bool) -> _Behaviour:
+    """Entropy and ``log p`` of the sampled tokens (reusing the sampling pass); with ``theory_stats`` also
+    ``S*``, ``E_p[S]`` and the deviation, in float64 when ``float64`` (whenever the theory is checked)."""
+    # H = log Z - sum_i e_i s_i / Z: the computation of theory.entropy
+    H0 = ro.logZ - np.multiply(ro.e, ro.s, out=work["g"]).sum(axis=-1) / ro.Z  # (R, M, T)
+    beh = _Behaviour(H0, _token_logp(ro.s, ro.logZ, ro.flat).astype(np.float64),
+                     np.broadcast_to(H0[:, :, None], ro.tokens.shape))
+    if theory_stats:
+        f = np.float64 if float64 else z0.dtype
+        base0 = theory.vocab_baseline(z0.astype(f, copy=False))  # (R, M, T)  E_p[S] (E7)
+        beh.baseline = np.broadcast_to(base0[:, :, None], ro.tokens.shape)
+        beh.s_star = theory.s_star(beh.logp.astype(f, copy=False), beh.H_tok.astype(f, copy=False))
+        beh.dev = beh.s_star - beh.baseline
+    return beh
+
+
+@dataclass
+class _Update:
+    """What the update applies to each token ``(R, M, G, T)``: the rule's output, or plain GRPO's."""
+
+    adv: np.ndarray
+    keep: np.ndarray | None = None
+    weight: np.ndarray | None = None
+    kl_coef: np.ndarray | None = None
+    entropy_coef: np.ndarray | None = None
+    metrics: dict = field(default_factory=dict)  # the rule's, reported as ``rule/<name>``
+
+
+def _apply_rule(cfg: GRPOConfig, state: ToyState, ro: _Rollout, beh: _Behaviour) -> _Update:
+    """Apply ``cfg.rule`` to the batch: **the one place where a rule's output meets the update** (what
+    :func:`_ppo_epochs` then applies). Without a rule, the plain advantages."""
+    if cfg.rule is None:
+        return _Update(adv=ro.adv)
+    R, M, G, T = ro.tokens.shape
+    batch = TokenBatch(
+        logp=_batch_layout(beh.logp),
+        adv=_batch_layout(ro.adv),
+        valid=_all_valid(ro.tokens.shape),
+        entropy=_batch_layout(beh.H_tok),
+        baseline=_batch_layout(beh.baseline),
+        group=np.broadcast_to(np.repeat(np.arange(M), G)[None], (R, M * G)),
+        step=state.step,
+        stage=state.stage,
+    )
+    out = cfg.rule(batch, noise=ro.noise, state=state.rule_state)
+    state.rule_state = out.state
+    unflat = lambda x: None if x is None else x.reshape(R, M, G, T)  # noqa: E731
+    return _Update(adv=unflat(out.adv), keep=unflat(out.keep), weight=unflat(out.weight),
+                   kl_coef=unflat(out.kl_coef), entropy_coef=unflat(out.entropy_coef), metrics=out.metrics)
+
+
+def _normaliser(cfg: GRPOConfig, keep: np.ndarray | None, shape: tuple[int, ...]):
+    """``(keep_f, scale)``: the kept tokens as floats and each token's loss weight (the aggregation)."""
+    R, M, G, T = shape
+    keep_f = np.ones(shape) if keep is None else keep.astype(np.float64)
+    if cfg.aggregation == "token_mean":
+        scale = keep_f / np.maximum(keep_f.sum(axis=(1, 2, 3), keepdims=True), 1.0)
+    elif cfg.aggregation == "seq_mean":
+        scale = keep_f / (np.maximum(keep_f.sum(axis=-1, keepdims=True), 1.0) * (M * G))
+    else:
+        scale = keep_f / (M * G * T)
+    return keep_f, scale
+
+
+def _ppo_epochs(cfg: GRPOConfig, state: ToyState, ro: _Rollout, beh: _Behaviour, upd: _Update,
+                scale: np.ndarray, z0: np.ndarray, work: dict[str, np.ndarray]):
+    """``cfg.epochs`` gradient-ascent steps on the clipped surrogate, in place on ``state.params``.
+
+    Returns ``(first_coef, ratio_clipped)``: the first epoch's ``d objective / d log p_k`` per token and
+    the tokens any epoch's ratio clip zeroed. ``z0`` are the behaviour logits (not updated in place).
+    """
+    flat, adv, logp_old = ro.flat, upd.adv, beh.logp
+    ratio_clipped = np.zeros(ro.tokens.shape, dtype=bool)
+    first_coef = None
+    z, e, Z = z0, ro.e, ro.Z
+    for epoch in range(cfg.epochs):
+        if epoch > 0:
+            z = state.logits
+            s, e, Z, logZ = _softmax_parts(z, work)
+            logp = _token_logp(s, logZ, flat)
+        else:
+            logp = logp_old
+        ratio = np.exp(logp - logp_old)
+        clipped = ((adv > 0) & (ratio > 1 + cfg.clip_high)) | ((adv < 0) & (ratio < 1 - cfg.clip_low))
+        ratio_clipped |= clipped
+        w_adv = adv if upd.weight is None else upd.weight * adv
+        coef = np.where(clipped, 0.0, w_adv * ratio) * scale  # d objective / d log p_k
+        if upd.kl_coef is not None:  # loss += kl |logp - logp_old|  ->  objective gradient -kl sign(.)
+            coef = coef - upd.kl_coef * np.sign(logp - logp_old) * scale
+        if epoch == 0:
+            first_coef = coef
+        grad_z = _add_logit_gradient(coef, flat, e, Z, out=work["g"])  # sum_k coef_k (e_k - p) (E5)
+        if upd.entropy_coef is not None:  # objective += c H  ->  logit gradient -c S (E2) at the state
+            c_state = (upd.entropy_coef * scale).sum(axis=2)  # (R, M, T)
+            grad_z -= c_state[..., None] * theory.discriminator(z)
+        if state.features is None:
+            grad = grad_z
+        else:  # chain rule through z = Phi @ w
+            grad = np.einsum("mtvd,rmtv->rd", state.features, grad_z, optimize=True)
+        state.params += _optimizer_update(cfg, state, grad)  # in place: ``grad`` is ours to reuse
+    return first_coef, ratio_clipped
+
+
+def _cheap_diagnostics(cfg: GRPOConfig, ro: _Rollout, beh: _Behaviour, keep_f: np.ndarray,
+                       ratio_clipped: np.ndarray) -> dict[str, np.ndarray]:
+    """The keys of every step: reward, accuracy, pass@k, entropy (overall, by advantage sign, by position)."""
+    G = cfg.group_size
+    n_corr = ro.correct.sum(axis=-1)
+    H_tok, adv = _batch_layout(beh.H_tok).astype(np.float64, copy=False), _batch_layout(ro.adv)
+    return {
+        "reward": ro.rewards.mean(axis=(1, 2)),
+        "accuracy": ro.correct.mean(axis=(1, 2)),
+        "pass_at_1": theory.pass_at_k(G, n_corr, 1).mean(axis=-1),
+        f"pass_at_{G}": theory.pass_at_k(G, n_corr, G).mean(axis=-1),
+        "entropy": beh.H.mean(axis=(1, 2)),
+        "entropy_pos": masked_mean(H_tok, adv > 0),  # 0 for a run without a positive token
+        "entropy_neg": masked_mean(H_tok, adv < 0),
+        "entropy_by_pos": beh.H.mean(axis=1),  # (R, T)
+        "keep_frac": keep_f.mean(axis=(1, 2, 3)),
+        "ratio_clip_frac": ratio_clipped.mean(axis=(1, 2, 3)),
+    }
+
+
+def _theory_diagnostics(cfg: GRPOConfig, state: ToyState, ro: _Rollout, beh: _Behaviour, upd: _Update,
+                        z0: np.ndarray, params0: np.ndarray, first_coef: np.ndarray) -> dict[str, np.ndarray]:
+    """The theory-vs-exact keys (``diagnostics=True``; :data:`DIAGNOSTIC_KEYS`), after the update.
+
+    The realised entropy change of every state beside (E4) and the second order on the actual update
+    ``dz``; the batch statistics of :mod:`theory.diagnostics` (``S*`` and deviation means, quadrant
+    shares by the update's advantages); the tabular prediction: each token's own (E6) term with
+    ``alpha = lr * coef`` of the first epoch (E5), summed over tokens and divided by the ``M * T`` states
+    (exactly (E4) for a tabular SGD step with ``mu = 1``), by quadrant and by the sign of ``A``.
+    """
+    R, M, G, T = ro.tokens.shape
+    dz = state.logits.astype(np.float64) - z0  # the realised update, exactly
+    tok = _batch_layout  # (R, M, G, T) -> (R, M*G, T), the layout of theory.diagnostics
+    valid, adv = _all_valid(ro.tokens.shape), tok(upd.adv)
+    stats = batch_statistics(
+        entropy=tok(beh.H_tok).astype(np.float64, copy=False), logp=tok(beh.logp), s_star=tok(beh.s_star),
+        baseline=tok(beh.baseline), adv=tok(ro.adv), valid=valid, adv_eff=adv,
+    )
+    alpha = theory.effective_step_size(cfg.lr, tok(first_coef))  # lr * coef of each token (E5)
+    dev = tok(beh.dev)
+    dH_tokens, by_quad = tabular_entropy_change(alpha, dev, adv, valid, per=M * T)
+    if upd.adv is ro.adv:  # the dH by the sign of A: two quadrants each (tokens with A = 0 add nothing)
+        by_sign = by_quad
+    else:  # a rule changed the advantages: the quadrants of the sampled ones
+        by_sign = tabular_entropy_change(alpha, dev, tok(ro.adv), valid, per=M * T)[1]
+    out = {
+        "dH_exact": theory.exact_entropy_change(z0, dz).mean(axis=(1, 2)),
+        "dH_first": theory.entropy_change_first_order(z0, dz).mean(axis=(1, 2)),
+        "dH_second": theory.entropy_change_second_order(z0, dz).mean(axis=(1, 2)),
+        "dH_tokens_first": dH_tokens,
+        "s_star_mean": stats["s_star/mean"],
+        "dev_mean": stats["deviation/mean"],
+        "param_step_norm": np.sqrt(((state.params - params0) ** 2).reshape(R, -1).sum(axis=1)),
+    }
+    for name in theory.QUADRANTS:
+        out[f"quad_{name}_frac"] = stats[f"quad/{name}_frac"]
+        out[f"quad_{name}_dH"] = by_quad[name]
+    out["dH_neg_first"] = by_sign["neg_high"] + by_sign["neg_low"]
+    out["dH_pos_first"] = by_sign["pos_high"] + by_sign["pos_low"]
+    for k, v in upd.metrics.items():
+        out[f"rule/{k}"] = np.broadcast_to(np.asarray(v, dtype=np.float64), (R,)).copy()
+    return out
+
+
 def step(
     bandit: Bandit,
     cfg: GRPOConfig,
@@ -289,155 +522,25 @@ def step(
     (``rule/<name>``) — the keys :func:`is_diagnostic` names.
     """
     table = bandit.correct_table() if table is None else table
-    M, T, V = bandit.shape
-    G = cfg.group_size
     z0 = state.logits  # (R, M, T, V)
-    if z0.shape[1:] != (M, T, V):
+    if z0.shape[1:] != bandit.shape:
+        M, T, V = bandit.shape
         raise ValueError(f"state logits have shape {z0.shape}, the bandit needs (R, {M}, {T}, {V})")
-    R = z0.shape[0]
-    rule = cfg.rule
-    need_stats = diagnostics or rule is not None
-
-    # --- rollout: per-run streams, so a run does not depend on the others ----------------------------
-    u_tok, u_rew, noise = _draw(state, M, T, G)
     work = _workspace(state, z0)
-    s0, e0, Z0, logZ0 = _softmax_parts(z0, work)  # z - max z, exp of it (unnormalised p), sum, log sum
-    tokens = np.moveaxis(sample_tokens(e0, u_tok), -1, 2)  # (R, M, G, T)
-    flat = _flat_index(tokens, V)
-    correct = bandit.score(tokens, table)  # (R, M, G)
-    rewards = bandit.rewards(correct, u_rew)
-    adv_seq = _advantages(bandit, cfg, state, rewards)  # (R, M, G)
-
-    # --- token statistics under the behaviour policy (theory functions) ------------------------------
-    # H = log Z - sum_i e_i s_i / Z: the computation of theory.entropy, reusing the sampling pass
-    H0 = logZ0 - np.multiply(e0, s0, out=work["g"]).sum(axis=-1) / Z0  # (R, M, T)
-    logp_old = (_gather(s0, flat) - logZ0.reshape(-1)[flat // V]).astype(np.float64)  # (R, M, G, T)
-    adv_tok = np.broadcast_to(adv_seq[..., None], tokens.shape)
-    H_tok = np.broadcast_to(H0[:, :, None], tokens.shape)
-    if need_stats:  # in float64 whenever the theory is checked
-        f = np.float64 if diagnostics else z0.dtype
-        base0 = theory.vocab_baseline(z0.astype(f, copy=False))  # (R, M, T)  E_p[S] (E7)
-        base_tok = np.broadcast_to(base0[:, :, None], tokens.shape)
-        s_star = theory.s_star(logp_old.astype(f, copy=False), H_tok.astype(f, copy=False))  # (R, M, G, T)
-        dev = s_star - base_tok  # S* - E_p[S]
-
-    out = None
-    if rule is not None:
-        fl = lambda x: np.ascontiguousarray(x).reshape(R, M * G, T)  # noqa: E731
-        batch = TokenBatch(
-            logp=fl(logp_old),
-            adv=fl(adv_tok),
-            valid=np.ones((R, M * G, T), dtype=bool),
-            entropy=fl(H_tok),
-            baseline=fl(base_tok),
-            group=np.broadcast_to(np.repeat(np.arange(M), G)[None], (R, M * G)),
-            step=state.step,
-            stage=state.stage,
-        )
-        out = rule(batch, noise=noise, state=state.rule_state)
-        state.rule_state = out.state
-    unflat = lambda x: x.reshape(R, M, G, T)  # noqa: E731
-    keep = unflat(out.keep) if out is not None else None
-    adv = unflat(out.adv) if out is not None else adv_tok
-    weight = unflat(out.weight) if out is not None and out.weight is not None else None
-    kl_coef = unflat(out.kl_coef) if out is not None and out.kl_coef is not None else None
-    ent_coef = unflat(out.entropy_coef) if out is not None and out.entropy_coef is not None else None
-
-    # --- loss normaliser per token (aggregation) -----------------------------------------------------
-    keep_f = np.ones(tokens.shape) if keep is None else keep.astype(np.float64)
-    if cfg.aggregation == "token_mean":
-        scale = keep_f / np.maximum(keep_f.sum(axis=(1, 2, 3), keepdims=True), 1.0)
-    elif cfg.aggregation == "seq_mean":
-        scale = keep_f / (np.maximum(keep_f.sum(axis=-1, keepdims=True), 1.0) * (M * G))
-    else:
-        scale = keep_f / (M * G * T)
-
-    # --- PPO epochs: gradient ascent on the clipped surrogate; THE place rule output is applied -----
+    ro = _rollout(bandit, cfg, state, table, z0, work)  # 1. samples, rewards, advantages
+    beh = _behaviour_stats(z0, ro, work, theory_stats=diagnostics or cfg.rule is not None,
+                           float64=diagnostics)  # 2. H, log p, S*, E_p[S] under the behaviour policy
+    upd = _apply_rule(cfg, state, ro, beh)  # 3. the rule's output (or the plain advantages)
+    keep_f, scale = _normaliser(cfg, upd.keep, ro.tokens.shape)  # 4. the loss aggregation
     params0 = state.params.copy() if diagnostics else None
+    if diagnostics:  # the behaviour logits in float64; the update is in place
+        z0 = (params0 if state.features is None else z0).astype(np.float64)
+    first_coef, ratio_clipped = _ppo_epochs(cfg, state, ro, beh, upd, scale, z0, work)  # 5. the update
+    diag = _cheap_diagnostics(cfg, ro, beh, keep_f, ratio_clipped)  # 6. diagnostics
     if diagnostics:
-        z0 = (params0 if state.features is None else z0).astype(np.float64)  # the update is in place
-    ratio_clipped = np.zeros(tokens.shape, dtype=bool)
-    first_coef = None
-    z, e, Z = z0, e0, Z0
-    for epoch in range(cfg.epochs):
-        if epoch > 0:
-            z = state.logits
-            s, e, Z, logZ = _softmax_parts(z, work)
-            logp = _gather(s, flat) - logZ.reshape(-1)[flat // V]
-        else:
-            logp = logp_old
-        ratio = np.exp(logp - logp_old)
-        clipped = ((adv > 0) & (ratio > 1 + cfg.clip_high)) | ((adv < 0) & (ratio < 1 - cfg.clip_low))
-        ratio_clipped |= clipped
-        w_adv = adv if weight is None else weight * adv
-        coef = np.where(clipped, 0.0, w_adv * ratio) * scale  # d objective / d log p_k
-        if kl_coef is not None:  # loss += kl |logp - logp_old|  ->  objective gradient -kl sign(.)
-            coef = coef - kl_coef * np.sign(logp - logp_old) * scale
-        if epoch == 0:
-            first_coef = coef
-        # logit gradient sum_k coef_k (e_k - p) (E5), with p = e / Z
-        factor = (-coef.sum(axis=2) / Z).astype(e.dtype)[..., None]  # (R, M, T, 1), policy's dtype
-        grad_z = np.multiply(e, factor, out=work["g"])  # reuses the workspace: no page faults
-        np.add.at(grad_z.reshape(-1), flat.ravel(), coef.ravel())
-        if ent_coef is not None:  # objective += c H  ->  logit gradient -c S (E2) at the token's state
-            c_state = (ent_coef * scale).sum(axis=2)  # (R, M, T)
-            grad_z -= c_state[..., None] * theory.discriminator(z)
-        if state.features is None:
-            grad = grad_z
-        else:  # chain rule through z = Phi @ w
-            grad = np.einsum("mtvd,rmtv->rd", state.features, grad_z, optimize=True)
-        state.params += _optimizer_update(cfg, state, grad)  # in place: ``grad`` is ours to reuse
-
-    # --- diagnostics ---------------------------------------------------------------------------------
-    n_corr = correct.sum(axis=-1)
-    pos, neg = adv_tok > 0, adv_tok < 0
-    diag: dict[str, np.ndarray] = {
-        "reward": rewards.mean(axis=(1, 2)),
-        "accuracy": correct.mean(axis=(1, 2)),
-        "pass_at_1": theory.pass_at_k(G, n_corr, 1).mean(axis=-1),
-        f"pass_at_{G}": theory.pass_at_k(G, n_corr, G).mean(axis=-1),
-        "entropy": H0.mean(axis=(1, 2)),
-        "entropy_pos": _masked_mean(H_tok, pos),
-        "entropy_neg": _masked_mean(H_tok, neg),
-        "entropy_by_pos": H0.mean(axis=1),  # (R, T)
-        "keep_frac": keep_f.mean(axis=(1, 2, 3)),
-        "ratio_clip_frac": ratio_clipped.mean(axis=(1, 2, 3)),
-    }
-    if diagnostics:
-        dz = state.logits.astype(np.float64) - z0  # the realised update, exactly
-        dH_exact = theory.exact_entropy_change(z0, dz)  # (R, M, T)
-        # each token's own (E6) term -alpha (S* - E_p[S]) with alpha = lr * coef of the first epoch:
-        # the tabular first-order prediction (exactly E4 for a tabular SGD step with mu = 1)
-        contrib = -cfg.lr * first_coef * dev  # (R, M, G, T)
-        quad = theory.quadrant(adv, dev)
-        MT = M * T
-        diag.update({
-            "dH_exact": dH_exact.mean(axis=(1, 2)),
-            "dH_first": theory.entropy_change_first_order(z0, dz).mean(axis=(1, 2)),
-            "dH_second": theory.entropy_change_second_order(z0, dz).mean(axis=(1, 2)),
-            "dH_tokens_first": contrib.sum(axis=(1, 2, 3)) / MT,
-            "s_star_mean": s_star.mean(axis=(1, 2, 3)),
-            "dev_mean": dev.mean(axis=(1, 2, 3)),
-            "param_step_norm": np.sqrt(((state.params - params0) ** 2).reshape(R, -1).sum(axis=1)),
-        })
-        for code, name in enumerate(theory.QUADRANTS):
-            sel = quad == code
-            diag[f"quad_{name}_frac"] = sel.mean(axis=(1, 2, 3))
-            diag[f"quad_{name}_dH"] = np.where(sel, contrib, 0.0).sum(axis=(1, 2, 3)) / MT
-        diag["dH_neg_first"] = np.where(neg, contrib, 0.0).sum(axis=(1, 2, 3)) / MT
-        diag["dH_pos_first"] = np.where(pos, contrib, 0.0).sum(axis=(1, 2, 3)) / MT
-    if out is not None and diagnostics:
-        for k, v in out.metrics.items():
-            diag[f"rule/{k}"] = np.broadcast_to(np.asarray(v, dtype=np.float64), (R,)).copy()
+        diag.update(_theory_diagnostics(cfg, state, ro, beh, upd, z0, params0, first_coef))
     state.step += 1
     return diag
-
-
-def _masked_mean(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Per-run mean of ``x (R, ...)`` over ``mask``; 0 where a run has no masked entry."""
-    axes = tuple(range(1, x.ndim))
-    n = mask.sum(axis=axes)
-    return np.where(mask, x, 0.0).sum(axis=axes) / np.maximum(n, 1)
 
 
 def _optimizer_update(cfg: GRPOConfig, state: ToyState, grad: np.ndarray) -> np.ndarray:
