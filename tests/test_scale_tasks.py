@@ -443,3 +443,24 @@ def test_make_task_errors_name_the_field(spec, match):
 def test_make_task_rejects_a_bad_seed():
     with pytest.raises(ValueError, match="seed"):
         make_task("arithmetic", seed="0")
+
+
+@pytest.mark.parametrize("text", ["1", "true", "yes", "YES", "0", "false", "no"])
+def test_make_task_reads_booleans_as_make_rule_does(text):
+    """One spec parser (theory.spec): a boolean means the same in a task spec and a rule spec."""
+    from theory.rules import make_rule
+
+    expected = text.lower() in ("1", "true", "yes")
+    task = make_task(f"countdown:numbers=3,n_train=3,n_eval=1,use_all={text}")
+    assert task.params["use_all"] is expected
+    assert all(p.meta["use_all"] is expected for p in task.train + task.eval)
+    assert make_rule(f"clip_v:center={text}").center is expected
+
+
+def test_make_task_rejects_a_boolean_make_rule_rejects():
+    from theory.rules import make_rule
+
+    with pytest.raises(ValueError, match=r"countdown\.use_all expects true or false, got 'maybe'"):
+        make_task("countdown:use_all=maybe")
+    with pytest.raises(ValueError, match=r"clip_v\.center expects true or false, got 'maybe'"):
+        make_rule("clip_v:center=maybe")

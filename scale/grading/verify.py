@@ -16,7 +16,6 @@ DEFAULT_TIMEOUT_S = 2.0
 """Default bound, in seconds, on one math-verify comparison (parse of both sides + verify)."""
 
 
-
 class _GraderTimeout(BaseException):
     """Raised by our SIGALRM handler; a BaseException so math-verify's ``except Exception`` lets it pass."""
 

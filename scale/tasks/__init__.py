@@ -93,6 +93,7 @@ from .problems import DEFAULT_INSTRUCTION, Problem, Task, format_prompt
 
 __all__ = [
     "DEFAULT_INSTRUCTION",
+    "GRADERS",
     "TASKS",
     "ArithmeticConfig",
     "ExpressionError",
@@ -124,16 +125,34 @@ TASKS: dict[str, tuple[type, Any]] = {
 """Task name -> (config dataclass, generator). ``jsonl``/``parquet`` read files."""
 
 
+def __getattr__(name: str) -> Any:
+    """``scale.tasks.GRADERS``: the grader registry of :mod:`scale.grading` (lazy: grading imports tasks).
+
+    >>> import scale.tasks, scale.grading
+    >>> scale.tasks.GRADERS is scale.grading.GRADERS and "math" in scale.tasks.GRADERS
+    True
+    """
+    if name == "GRADERS":
+        from ..grading.registry import GRADERS
+
+        return GRADERS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def make_task(spec: str, seed: int = 0) -> Task:
     """Build a :class:`Task` from a spec string (see the module docstring for names and parameters).
 
     >>> task = make_task("arithmetic:digits=1,ops=1,n_train=5,n_eval=2", seed=0)
     >>> len(task.train), len(task.eval), task.train[0].grader
     (5, 2, 'math')
-    >>> make_task("arithmetic:digts=2")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: arithmetic: unknown parameter 'digts'; parameters: n_train, n_eval, eval_frac, digits, ...
+
+    Bad specs raise :class:`theory.spec.SpecError` (a ``ValueError``) naming the field:
+
+    >>> try:
+    ...     make_task("arithmetic:digts=2")
+    ... except ValueError as err:
+    ...     print(err)  # doctest: +ELLIPSIS
+    arithmetic: unknown parameter 'digts'; parameters: n_train, n_eval, eval_frac, digits, ...
     """
     name, params = parse_spec(spec, "task spec")
     if name not in TASKS:

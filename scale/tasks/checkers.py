@@ -155,7 +155,7 @@ def evaluate_arithmetic(
     >>> evaluate_arithmetic("__import__('os')")
     Traceback (most recent call last):
     ...
-    scale.tasks.ExpressionError: unexpected input at character 1: "__import__('os')"
+    scale.tasks.checkers.ExpressionError: unexpected input at character 1: "__import__('os')"
     """
     if not isinstance(text, str):
         raise ExpressionError(f"expected a string, got {type(text).__name__}")

@@ -18,7 +18,6 @@ def _require(cond: bool, where: str, message: str, value: Any) -> None:
         raise ValueError(f"{where} {message}, got {value!r}")
 
 
-
 @dataclass(frozen=True)
 class _GeneratedConfig:
     n_train: int = 1000
