@@ -11,6 +11,7 @@ Each checkpoint directory holds
                          coefficient); loaded with ``weights_only=True``
 ``trainer_state.json``   the step, the data position, the stage detector's state, the NumPy and
                          Python RNG states, running counters (reward errors)
+``manifest.json``        written last: the size and SHA-256 of each file above
 =======================  =========================================================================
 
 Writing is atomic: everything goes into a fresh ``checkpoints/.tmp-*`` directory, each file and the
@@ -18,15 +19,23 @@ directory are fsynced, then the directory is renamed to its final name in one ``
 parent is fsynced. A crash at any point leaves either no new checkpoint or a complete one; leftover
 temp directories are removed by :func:`clean_temp`. After a successful write only the newest
 ``keep`` checkpoints are kept. A directory named ``step_*`` is complete by construction.
+
+What the disk does afterwards is another matter (a copy cut short, a full disk, a file truncated by
+hand): :func:`verify_checkpoint` compares every file with the manifest, and :func:`resumable_checkpoint`
+returns the newest checkpoint that verifies and loads, moving each damaged newer one aside to
+``checkpoints/damaged-step_XXXXXX`` (never deleting it) with the reason. A checkpoint without a
+manifest (written before manifests existed) is accepted if its files load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +50,15 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "resumable_checkpoint",
     "restore_rng",
     "save_checkpoint",
+    "verify_checkpoint",
 ]
 
 CHECKPOINTS = "checkpoints"  #: sub-directory of the run directory
+MANIFEST = "manifest.json"  #: written last into each checkpoint: name -> {"bytes", "sha256"}
+FILES = ("model.safetensors", "state.pt", "trainer_state.json")  #: what a checkpoint holds besides it
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -111,6 +124,46 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    entries = {
+        name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in FILES
+    }
+    (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=1) + "\n")
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """``None`` if the checkpoint at ``path`` is intact, else why not (one line).
+
+    Intact: every file of :data:`FILES` exists and, when ``manifest.json`` is there, has the recorded size
+    and SHA-256. Without a manifest only presence is checked (:func:`resumable_checkpoint` then finds out
+    by loading)."""
+    path = Path(path)
+    missing = [name for name in FILES if not (path / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if not (path / MANIFEST).is_file():
+        return None
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        return f"unreadable {MANIFEST} ({type(err).__name__})"
+    for name in FILES:
+        want, size = files.get(name, {}), (path / name).stat().st_size
+        if size != want.get("bytes"):
+            return f"{name} has {size} bytes, the manifest says {want.get('bytes')}"
+        if _sha256(path / name) != want.get("sha256"):
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -145,7 +198,8 @@ def save_checkpoint(
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(run_dir, step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()  # (not mkdtemp, which makes it 0700: a checkpoint is as readable as the rest of its run)
     try:
         if model_state is not None:
             save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"),
@@ -159,8 +213,10 @@ def save_checkpoint(
         }
         torch.save(state, tmp / "state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1) + "\n")
-        for name in ("model.safetensors", "state.pt", "trainer_state.json"):
+        for name in FILES:
             _fsync_file(tmp / name)
+        _write_manifest(tmp)  # last: a manifest vouches for files that are already on disk
+        _fsync_file(tmp / MANIFEST)
         _fsync_dir(tmp)
         if final.exists():  # the same step written again (a resumed run): replace it
             old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{final.name}-", dir=root))
@@ -174,6 +230,29 @@ def save_checkpoint(
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def resumable_checkpoint(run_dir: str | Path, load: Any, *, report: Any = None) -> tuple[Path, Any] | None:
+    """The newest checkpoint of ``run_dir`` that verifies and loads: ``(path, load(path))``, or None.
+
+    ``load(path)`` restores it (raising on a damaged file). Each newer checkpoint that fails
+    :func:`verify_checkpoint` or ``load`` is renamed to ``checkpoints/damaged-step_XXXXXX`` (kept, no
+    longer listed) and ``report(message)`` is called with which one was skipped and why.
+    """
+    for path in reversed(list_checkpoints(run_dir)):
+        why = verify_checkpoint(path)
+        if why is None:
+            try:
+                return path, load(path)
+            except Exception as err:  # a damaged file the manifest could not vouch for
+                why = f"does not load ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        aside = path.with_name(f"damaged-{path.name}")
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.rename(path, aside)
+        if report is not None:
+            report(f"skipped checkpoint {path.name}: {why}; moved it to {aside}")
+    return None
 
 
 def load_checkpoint(

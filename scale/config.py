@@ -137,12 +137,15 @@ class TaskConfig:
         reward: 'correctness' (1 correct / 0 wrong) or 'pm1' (+1 / -1, arXiv 2508.02260).
         strict_reward: a reward function that raises stops the run (default: reward 0, counted, logged).
         grade_timeout_s: bound in seconds on one math-verify comparison.
+        reward_timeout_s: bound in seconds on one reward call (a custom reward_fn too); an overrun is a
+            reward error (0, counted), fatal under strict_reward; 'none': unbounded.
     """
 
     spec: str = field(default="arithmetic:digits=1,ops=2,n_train=200,n_eval=50", metadata={"flag": "task"})
     reward: Literal["correctness", "pm1"] = "correctness"
     strict_reward: bool = False
     grade_timeout_s: float = 2.0
+    reward_timeout_s: float | None = 30.0
 
 
 @dataclass
@@ -470,7 +473,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("task.spec", f": {err}") from None
     if task_name not in TASKS:
         raise ConfigError("task.spec", f": unknown task {task_name!r}; known tasks: {', '.join(TASKS)}")
-    _positive(t.grade_timeout_s > 0, "task.grade_timeout_s", "must be > 0", t.grade_timeout_s)
+    _positive(_is_number(t.grade_timeout_s) and t.grade_timeout_s > 0, "task.grade_timeout_s",
+              "must be a finite number > 0", t.grade_timeout_s)  # fmt: skip
+    _positive(t.reward_timeout_s is None or (_is_number(t.reward_timeout_s) and t.reward_timeout_s > 0),
+              "task.reward_timeout_s", "must be a finite number > 0 or none", t.reward_timeout_s)  # fmt: skip
     _validate_rollout(cfg.rollout)
     make_rule_from_config(cfg.rule.spec)
     make_stage_detector(cfg.rule.stage_detector)
@@ -561,6 +567,7 @@ def _validate_rest(d: DiagnosticsConfig, e: EvalConfig, run: RunConfig) -> None:
     )
     # run
     _positive(run.steps >= 1, "run.steps", "must be >= 1", run.steps)
+    _positive(0 <= run.seed < 2**63, "run.seed", "must lie in [0, 2**63)", run.seed)
     _positive(run.save_every >= 0, "run.save_every", "must be >= 0", run.save_every)
     _positive(run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1", run.keep_checkpoints)
     _positive(

@@ -41,6 +41,7 @@ key                                meaning
 ``s_star/mean``, ``s_star/std``    *before*: token mean and std of ``S* = p_k (H + log p_k)`` (E2)
 ``baseline/mean``                  *before*: token mean of ``E_p[S]`` (E7)
 ``deviation/mean``                 *before*: token mean of ``S* - E_p[S]`` (Cor 3.4: ~0 on-policy at T=1)
+``nonfinite_frac``                 *before*: fraction of response tokens with a non-finite input (left out)
 ``theory/cor35_ratio``             ``|mean S*| / |mean (S* - E_p[S])|`` (Cor 3.5; large = S* alone is a
                                    biased predictor of the entropy change)
 ``quad/<q>_frac``                  fraction of tokens in quadrant ``q`` of sign(``A_eff``) x
@@ -169,15 +170,35 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of ``RUN_DIR/metrics.jsonl``."""
+    """All records of ``RUN_DIR/metrics.jsonl`` (``[]`` if there is none).
+
+    A last line cut short (what a kill in the middle of a write leaves) is left out; any other line that
+    is not a JSON object with a ``"step"`` raises ``ValueError`` naming the file and the line.
+    """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == last and not path.read_bytes().endswith(b"\n"):
+                break  # torn by a kill: that step lies after the last checkpoint anyway
+            raise ValueError(f"{path}: line {i + 1}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise ValueError(f"{path}: line {i + 1}: expected an object with a 'step' key")
+        rows.append(row)
+    return rows
 
 
 def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
-    """Drop metric lines and sample files of steps after ``last_step`` (before a resume)."""
+    """Drop metric lines (and a torn last line) and sample files of steps after ``last_step`` (before a
+    resume)."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
     if path.is_file():

@@ -25,6 +25,8 @@ import math
 import sys
 from pathlib import Path
 
+from .metrics_log import read_metrics
+
 __all__ = ["load_metrics", "load_samples", "plot_run", "render_tokens_html", "delta_h_table", "main", "KEYS"]
 
 #: metric names read from metrics.jsonl (the first present name of each tuple is used)
@@ -46,22 +48,12 @@ QUADRANT_COLORS = ("#d62728", "#ff7f0e", "#1f77b4", "#2ca02c")  # code 0..3; -1 
 
 
 def load_metrics(run_dir: str | Path) -> list[dict]:
-    """The rows of ``metrics.jsonl``; a malformed line raises ``ValueError`` with its line number."""
+    """The rows of ``metrics.jsonl`` (:func:`scale.metrics_log.read_metrics`: a malformed line raises
+    ``ValueError`` with its line number, a torn last line is left out)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory of `entdyn train`?")
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {i}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict) or "step" not in row:
-            raise ValueError(f"{path}: line {i}: expected an object with a 'step' key")
-        rows.append(row)
-    return rows
+    return read_metrics(run_dir)
 
 
 def load_samples(run_dir: str | Path, step: int | None = None) -> tuple[int | None, list[dict]]:

@@ -137,14 +137,25 @@ def response_mask(response: torch.Tensor, eos: Sequence[int]) -> tuple[torch.Ten
     return mask, truncated
 
 
+def _add_special_tokens(tokenizer) -> bool:
+    return not getattr(tokenizer, "chat_template", None)  # chat-template text already holds its specials
+
+
 def _tokenize_prompts(tokenizer, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``(P, Lp)`` ids and attention mask. Chat-template text already holds its specials."""
-    has_template = bool(getattr(tokenizer, "chat_template", None))
+    """Left-padded ``(P, Lp)`` ids and attention mask."""
     enc = tokenizer(
         list(texts), padding=True, padding_side="left", return_tensors="pt",
-        add_special_tokens=not has_template,
+        add_special_tokens=_add_special_tokens(tokenizer),
     )  # fmt: skip
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def prompt_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
+    """The token count of each prompt as the sampler encodes it (no padding)."""
+    if not texts:
+        return []
+    enc = tokenizer(list(texts), add_special_tokens=_add_special_tokens(tokenizer))
+    return [len(ids) for ids in enc["input_ids"]]
 
 
 def filter_logits(z: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

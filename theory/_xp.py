@@ -14,6 +14,10 @@ Conventions used by every public function:
   every sum; its own entries in per-token outputs (``S_i``, ``p_i``) are 0 and its ``log p_i`` is ``-inf``;
 * a row whose logits contain NaN, ``+inf``, or only ``-inf`` yields NaN in that row only, never an
   exception and never a finite wrong number;
+* per-token *batch* statistics (the rules of :mod:`theory.rules`, :func:`theory.diagnostics.batch_statistics`)
+  instead leave out every token with a non-finite input and report the fraction they left out
+  (:func:`exclude_nonfinite`, ``docs/rules.md`` "Non-finite inputs"): one NaN must not switch a rule
+  off for the whole batch;
 * no host synchronisation, except where a function validates integer indices (documented there).
 """
 
@@ -37,6 +41,7 @@ __all__ = [
     "shifted_exp",
     "take_last",
     "broadcast_shape",
+    "exclude_nonfinite",
 ]
 
 
@@ -169,3 +174,28 @@ def broadcast_shape(*named: tuple[str, Array]) -> tuple[int, ...]:
             merged.append(y if x == 1 else x)
         out = merged
     return tuple(out)
+
+
+def exclude_nonfinite(xp, fields: dict[str, Array | None]) -> tuple[Array, dict[str, Array | None]]:
+    """The non-finite policy of the batch statistics, in one place: ``(finite, cleaned)``.
+
+    ``fields`` are per-token arrays of one shape (``None`` entries are skipped). ``finite`` is True at a
+    token where *every* given field is finite (NaN, ``+inf`` and ``-inf`` all count as non-finite);
+    ``cleaned`` holds each field as a floating array of at least 32 bits (:func:`as_float`) with every
+    non-finite entry replaced by 0, so a later sort, quantile, top-k or sum over *all* tokens sees no NaN.
+    The caller ANDs ``finite`` into its token mask (``valid``) and reports the fraction it removed; the
+    zeros are placeholders that a masked statistic never reads. No host synchronisation.
+    """
+    finite = None
+    cleaned: dict[str, Array | None] = {}
+    for name, a in fields.items():
+        if a is None:
+            cleaned[name] = None
+            continue
+        a = as_float(xp, a, name)
+        ok = xp.isfinite(a)
+        cleaned[name] = xp.where(ok, a, xp.zeros_like(a))
+        finite = ok if finite is None else finite & ok
+    if finite is None:
+        raise ValueError("exclude_nonfinite needs at least one array")
+    return finite, cleaned

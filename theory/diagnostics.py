@@ -14,12 +14,18 @@ the rules (:mod:`theory.rules`) report for an empty selection too; the counts be
 ``|mean S*| / |mean (S* - E_p[S])|`` is ``inf`` when the mean deviation is exactly 0 (and 0 when both
 means are 0). No statistic is NaN for finite inputs, and nothing here synchronises with the host.
 
+**Non-finite inputs.** :func:`batch_statistics` follows the rules' policy (``docs/rules.md``
+"Non-finite inputs", :func:`theory._xp.exclude_nonfinite`): a valid token where any of its inputs is NaN
+or infinite counts as not valid in *every* statistic (it is left out of each mean, std and fraction,
+numerators and denominators alike), and ``nonfinite_frac`` reports the fraction of the valid tokens
+left out. Inputs of less than 32 bits are computed in float32.
+
 Sources: arXiv 2602.03392, Theorem 3.3 / (E6) and Corollaries 3.4-3.5 (``docs/equations.md``).
 """
 
 from __future__ import annotations
 
-from ._xp import Array, namespace
+from ._xp import Array, exclude_nonfinite, namespace
 from .discriminator import QUADRANTS, quadrant
 
 __all__ = ["AXES", "masked_mean", "masked_std", "batch_statistics", "cor35_ratio", "tabular_entropy_change"]
@@ -80,8 +86,10 @@ def batch_statistics(
         fractions of valid tokens with ``A > 0`` / ``A < 0``: 0 marks an empty ``entropy/pos|neg``),
         ``logp/mean``, ``s_star/mean``, ``s_star/std``, ``baseline/mean``, ``deviation/mean`` (Cor 3.4:
         about 0 on-policy), ``theory/cor35_ratio`` (Cor 3.5) and ``quad/<q>_frac`` for the four
-        quadrants of :data:`theory.QUADRANTS` (fractions of the valid tokens). Means over an empty set
-        are 0 (module docstring).
+        quadrants of :data:`theory.QUADRANTS` (fractions of the valid tokens), and ``nonfinite_frac``:
+        the fraction of the valid tokens with a NaN or infinite input (``entropy``, ``logp``, ``s_star``,
+        ``baseline``, ``adv`` or ``adv_eff``), which every other statistic leaves out (module docstring).
+        Means over an empty set are 0.
 
     Example:
         >>> import numpy as np
@@ -92,6 +100,12 @@ def batch_statistics(
         (0.25, 2.0, 0.5)
     """
     xp = namespace(entropy)
+    fields = {"entropy": entropy, "logp": logp, "s_star": s_star, "baseline": baseline, "adv": adv,
+              "adv_eff": adv_eff}  # fmt: skip
+    finite, f = exclude_nonfinite(xp, fields)
+    entropy, logp, s_star, baseline, adv = (f[k] for k in ("entropy", "logp", "s_star", "baseline", "adv"))
+    adv_eff = f["adv_eff"]
+    all_valid, valid = valid, valid & finite
     dev = s_star - baseline
     s_mean = masked_mean(s_star, valid)
     dev_mean = masked_mean(dev, valid)
@@ -112,6 +126,7 @@ def batch_statistics(
     quad = quadrant(adv if adv_eff is None else adv_eff, dev)
     for q, name in enumerate(QUADRANTS):
         out[f"quad/{name}_frac"] = masked_mean(xp.astype(quad == q, entropy.dtype), valid)
+    out["nonfinite_frac"] = masked_mean(xp.astype(~finite, entropy.dtype), all_valid)
     return out
 
 

@@ -68,8 +68,9 @@ def softmax(logits: Array) -> Array:
 def entropy_from_logp(logp: Array) -> Array:
     r"""Shannon entropy ``H = -sum_i p_i log p_i`` from log-probabilities ``(..., V) -> (...)``.
 
-    Entries with ``log p_i = -inf`` contribute exactly 0 (the limit of ``p log p``). ``docs/equations.md``
-    §1 (arXiv 2602.03392 §3).
+    Entries with ``log p_i = -inf`` contribute exactly 0 (the limit of ``p log p``). A row that is no
+    log-distribution because its maximum is not finite (a NaN, a ``+inf``, or only ``-inf``) gives NaN, as
+    a row of such logits does (:mod:`theory._xp`). ``docs/equations.md`` §1 (arXiv 2602.03392 §3).
 
     Example:
         >>> import numpy as np
@@ -80,7 +81,10 @@ def entropy_from_logp(logp: Array) -> Array:
     xp = namespace(logp)
     check_logits(logp, "logp")
     logp = as_float(xp, logp, "logp")
-    return 0.0 - xp.sum(xp.exp(logp) * finite_logp(xp, logp), axis=-1)  # 0.0 - : no -0.0
+    H = 0.0 - xp.sum(xp.exp(logp) * finite_logp(xp, logp), axis=-1)  # 0.0 - : no -0.0
+    # (such a row computes without a floating-point warning: inf * inf, NaN, or 0; no copy of logp)
+    bad = ~xp.isfinite(xp.max(logp, axis=-1))  # (...): NaN, +inf or only -inf
+    return xp.where(bad, xp.full_like(H, float("nan")), H)
 
 
 def entropy(logits: Array) -> Array:

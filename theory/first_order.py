@@ -70,8 +70,13 @@ def _leading(xp, value: Array | float, logits: Array, dtype, name: str) -> Array
     return value
 
 
-def _update(xp, dz: Array, logits: Array, dtype) -> Array:
-    """Validate a logit update ``dz`` against ``logits`` ``(..., V)``; return it as ``dtype``."""
+def _update(xp, dz: Array, logits: Array, dtype) -> tuple[Array, Array]:
+    """Validate a logit update ``dz`` against ``logits`` ``(..., V)``: ``(dz as dtype, bad rows)``.
+
+    A row of ``dz`` with a NaN or infinite entry is *bad* (``(...)`` bool, broadcastable against
+    ``logits.shape[:-1]``): its entries are replaced by 0 here and the caller returns NaN for it
+    (:func:`_nan_where`), so no arithmetic on infinities (and no floating-point warning) happens.
+    """
     if not hasattr(dz, "shape"):
         raise ValueError("dz must be an array of shape (..., V) like logits")
     dz = as_float(xp, dz, "dz")
@@ -80,7 +85,14 @@ def _update(xp, dz: Array, logits: Array, dtype) -> Array:
         raise ValueError(
             f"dz with shape {tuple(dz.shape)} must broadcast to logits' shape {tuple(logits.shape)}"
         )
-    return xp.astype(dz, dtype) if dz.dtype != dtype else dz
+    dz = xp.astype(dz, dtype) if dz.dtype != dtype else dz
+    finite = xp.isfinite(dz)
+    return xp.where(finite, dz, xp.zeros_like(dz)), ~xp.all(finite, axis=-1)
+
+
+def _nan_where(xp, bad: Array, x: Array) -> Array:
+    """``x`` with NaN where ``bad`` (the rows of a non-finite ``dz``)."""
+    return xp.where(bad, xp.full_like(x, float("nan")), x)
 
 
 def prob_change_single_logit(logits: Array, k: Array, eps: Array | float) -> Array:
@@ -153,7 +165,8 @@ def entropy_change_first_order(logits: Array, dz: Array) -> Array:
 
     Args:
         logits: ``(..., V)`` logits.
-        dz: ``(..., V)`` logit update (broadcastable to ``logits``' shape).
+        dz: ``(..., V)`` logit update (broadcastable to ``logits``' shape); a row with a NaN or infinite
+            entry gives NaN.
 
     Returns:
         ``(...)`` predicted entropy changes.
@@ -166,9 +179,9 @@ def entropy_change_first_order(logits: Array, dz: Array) -> Array:
         -0.003116
     """
     xp, z, logp, p, lp, H = _prepare(logits, dz)
-    dz = _update(xp, dz, logits, p.dtype)
+    dz, bad = _update(xp, dz, logits, p.dtype)
     S = p * (H + lp)  # (..., V)
-    return -xp.sum(S * dz, axis=-1)
+    return _nan_where(xp, bad, -xp.sum(S * dz, axis=-1))
 
 
 def grpo_logit_update(logits: Array, k: Array, alpha: Array | float) -> Array:
@@ -268,7 +281,7 @@ def entropy_change_second_order(logits: Array, dz: Array) -> Array:
 
     Args:
         logits: ``(..., V)`` logits.
-        dz: ``(..., V)`` logit update.
+        dz: ``(..., V)`` logit update; a row with a NaN or infinite entry gives NaN.
 
     Returns:
         ``(...)`` second-order prediction of ``H(z + dz) - H(z)`` (first-order term included).
@@ -281,13 +294,13 @@ def entropy_change_second_order(logits: Array, dz: Array) -> Array:
         (-0.03159, -0.03155)
     """
     xp, z, logp, p, lp, H = _prepare(logits, dz)
-    dz = _update(xp, dz, logits, p.dtype)
+    dz, bad = _update(xp, dz, logits, p.dtype)
     L = lp + H  # (..., V)
     pdz = p * dz  # (..., V)
     a = xp.sum(pdz * L, axis=-1)  # (...): sum_j p_j L_j dz_j = S . dz
     b = xp.sum(pdz, axis=-1)  # (...)
     quad = -xp.sum(pdz * dz * (L + 1.0), axis=-1) + 2.0 * a * b + b * b
-    return -a + 0.5 * quad
+    return _nan_where(xp, bad, -a + 0.5 * quad)
 
 
 def exact_entropy_change(logits: Array, dz: Array) -> Array:
@@ -318,7 +331,7 @@ def exact_entropy_change(logits: Array, dz: Array) -> Array:
         True
     """
     xp, z, logp, p, lp, H = _prepare(logits, dz)
-    dz = _update(xp, dz, logits, p.dtype)
+    dz, bad = _update(xp, dz, logits, p.dtype)
     if tuple(dz.shape) != tuple(p.shape):
         dz = dz + xp.zeros_like(p)  # materialise the broadcast: (..., V)
     one = 1.0
@@ -335,4 +348,4 @@ def exact_entropy_change(logits: Array, dz: Array) -> Array:
     q = xp.exp(logp + d)  # (..., V)
     small = xp.abs(d) <= one
     dq = xp.where(small, p * xp.expm1(xp.clip(d, -one, one)), q - p)  # (..., V): q - p
-    return -xp.sum(dq * lp, axis=-1) - xp.sum(q * d, axis=-1)
+    return _nan_where(xp, bad, -xp.sum(dq * lp, axis=-1) - xp.sum(q * d, axis=-1))

@@ -7,6 +7,7 @@ the effective step size ``alpha = eta r A`` of Theorem 3.3's derivation (E5).
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import array_api_compat
@@ -47,8 +48,22 @@ def grpo_advantages(
     :data:`ADVANTAGE_PRESETS` lists each framework's ``(scale, correction, eps)``. ``docs/equations.md``
     §4.1; GRPO is arXiv 2402.03300, Dr. GRPO arXiv 2503.20783.
 
-    Defined results: a group whose rewards are all equal gets ``A = 0``; a singleton group (``G = 1``)
-    uses mean 0 and std 1 as verl and the reference code do, so ``A = R / (1 + eps)``.
+    Defined results: a group whose rewards are all equal gets ``A = 0`` (also with ``eps = 0``); a
+    singleton group (``G = 1``) uses mean 0 and std 1 as verl and the reference code do, so
+    ``A = R / (1 + eps)``. A NaN or infinite reward makes its group's advantages NaN (``scale="group"``,
+    ``"none"``; every advantage for ``"batch"``, whose std it enters): never a finite wrong number.
+
+    Numerics: huge finite rewards neither overflow nor lose the result. Each group's rewards (all of them
+    for ``"batch"``) are divided first by a scale ``c``, the power of two at or below their largest
+    ``|R|``, and the advantage is computed as
+
+    .. math:: A_i = \frac{(R_i - \bar R)/c}{\operatorname{std}(R)/c + \epsilon/c},
+
+    equal to the formula above in exact arithmetic, and bit for bit in floating point wherever the direct
+    formula does not overflow or underflow (dividing by a power of two is exact). So
+    ``grpo_advantages([1e200, 0, 0, 0])`` is ``[1.5, -0.5, -0.5, -0.5]``, what ``[2, 0, 0, 0]`` gives up to
+    ``eps``, and rewards of ``1e308`` work. ``"none"`` returns ``c ((R - \bar R)/c)``, infinite only where
+    the true centred reward exceeds the float range.
 
     Args:
         rewards: ``(..., G)`` rewards, e.g. ``(P, G)`` for ``P`` prompts; last axis = the group.
@@ -65,6 +80,8 @@ def grpo_advantages(
         >>> np.round(grpo_advantages(np.array([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])), 4)
         array([[ 0.866, -0.866, -0.866,  0.866],
                [ 0.   ,  0.   ,  0.   ,  0.   ]])
+        >>> grpo_advantages(np.array([1e200, 0.0, 0.0, 0.0]))
+        array([ 1.5, -0.5, -0.5, -0.5])
     """
     xp = namespace(rewards)
     if scale not in ("group", "batch", "none"):
@@ -79,18 +96,60 @@ def grpo_advantages(
     G = r.shape[-1]
     if G == 1:  # singleton group: mean 0, std 1 (verl / Trinity-RFT convention)
         return r if scale == "none" else r / (1.0 + eps)
-    centred = r - xp.mean(r, axis=-1, keepdims=True)  # (..., G)
+    if array_api_compat.size(r) == 0:  # no group at all (a leading axis of size 0)
+        return r
+    finite = xp.isfinite(r)
+    bad = ~xp.all(finite, axis=-1, keepdims=True)  # (..., 1): a group with a NaN / inf reward
+    r = xp.where(finite, r, xp.zeros_like(r))  # (computed on zeros there, then set to NaN: no warnings)
+    batch, dev = scale == "batch", array_api_compat.device(r)  # (r is not empty from here on)
+    if batch:
+        bad = xp.any(bad)
+    c = _pow2_scale(xp, r, batch)  # (..., 1), or () for "batch"
+    u = r / c  # |u| < 2
+    centred = u - xp.mean(u, axis=-1, keepdims=True)  # (..., G): (R - mean) / c
     # an all-equal group gets exactly 0 (the float mean of equal values can be off by an ulp)
     tied = xp.max(r, axis=-1, keepdims=True) == xp.min(r, axis=-1, keepdims=True)  # (..., 1)
     centred = xp.where(tied, xp.zeros_like(centred), centred)
     if scale == "none":
-        return centred
-    if scale == "group":
-        std = xp.std(r, axis=-1, correction=correction, keepdims=True)  # (..., 1)
+        out = c * centred
     else:
-        n = array_api_compat.size(r)
-        std = xp.std(xp.reshape(r, (-1,)), correction=correction) if n > correction else xp.ones(())
-    return centred / (std + eps)
+        if scale == "group":
+            std = xp.std(u, axis=-1, correction=correction, keepdims=True)  # (..., 1): std(R) / c
+        else:
+            n = array_api_compat.size(u)
+            std = (xp.std(xp.reshape(u, (-1,)), correction=correction) if n > correction
+                   else xp.ones((), dtype=u.dtype, device=dev))  # fmt: skip
+            # (an all-zero std with eps = 0 would give 0/0 on tied groups: they are 0 by the where below)
+        den = std + _eps_over(xp, eps, c)
+        one = xp.ones_like(den)
+        out = centred / xp.where(den > 0, den, one)  # den = 0 only where every centred value is 0
+    return xp.where(bad, xp.full_like(out, float("nan")), out)
+
+
+def _pow2_scale(xp, r: Array, batch: bool) -> Array:
+    """The power of two at or below ``max |r|`` of each group (last axis) or of all of ``r``; 1 for 0."""
+    m = xp.max(xp.abs(r), axis=-1, keepdims=True)  # (..., 1)
+    if batch:
+        m = xp.max(m)
+    pos = m > 0
+    m = xp.where(pos, m, xp.ones_like(m))
+    # log2 of the largest float rounds up to 2**(emax + 1) = inf: cap the exponent at the largest one
+    emax = math.frexp(float(xp.finfo(r.dtype).max))[1] - 1
+    k = xp.minimum(xp.floor(xp.log2(m)), xp.full_like(m, emax))
+    return xp.where(pos, 2.0**k, xp.ones_like(m))
+
+
+def _eps_over(xp, eps: float, c: Array) -> Array:
+    """``eps / c`` without an overflow warning: ``inf`` where the quotient exceeds the float range.
+
+    That happens only for tiny (subnormal) rewards with ``eps > 0``, whose advantages then underflow to 0.
+    """
+    if eps == 0.0:
+        return xp.zeros_like(c)
+    tiny = eps / float(xp.finfo(c.dtype).max)  # eps / c is finite for c >= tiny
+    floor = xp.full_like(c, tiny)
+    ok = c >= floor
+    return xp.where(ok, eps / xp.where(ok, c, xp.ones_like(c)), xp.full_like(c, float("inf")))
 
 
 def effective_step_size(

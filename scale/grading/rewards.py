@@ -11,7 +11,7 @@ from typing import Any
 
 from ..tasks import Problem
 from .registry import grade
-from .verify import DEFAULT_TIMEOUT_S
+from .verify import DEFAULT_TIMEOUT_S, run_with_deadline
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,13 @@ def safe_reward(
     *,
     strict: bool = False,
     stats: RewardStats | None = None,
+    timeout_s: float | None = None,
 ) -> float:
-    """``float(fn(completion, problem))``, or 0.0 if ``fn`` raises or returns something that is not a finite
-    real number (a bool, int, float, NumPy scalar or 0-d array/tensor is fine), counted in
-    ``stats.n_errors``; ``strict=True`` re-raises instead (a non-finite or non-numeric result then
-    raises ``ValueError``).
+    """``float(fn(completion, problem))``, or 0.0 if ``fn`` raises, runs longer than ``timeout_s`` seconds
+    (:func:`scale.grading.verify.run_with_deadline`), or returns something that is not a finite real number
+    (a bool, int, float, NumPy scalar or 0-d array/tensor is fine), counted in ``stats.n_errors``;
+    ``strict=True`` re-raises instead (``TimeoutError`` for an overrun, ``ValueError`` for a non-finite or
+    non-numeric result).
 
     >>> stats = RewardStats()
     >>> safe_reward(lambda c, p: 1 / 0, "x", None, stats=stats), stats.n_errors
@@ -65,7 +67,7 @@ def safe_reward(
     if stats is not None:
         stats.n_calls += 1
     try:
-        value = fn(completion, problem)
+        value = run_with_deadline(lambda: fn(completion, problem), timeout_s, "the reward function")
         if not isinstance(value, numbers.Real) and getattr(value, "ndim", None) == 0:
             value = value.item()  # a 0-d array or tensor
         if not isinstance(value, numbers.Real):
@@ -84,15 +86,17 @@ def safe_reward(
 
 
 class SafeReward:
-    """A reward function wrapped by :func:`safe_reward`, with its :class:`RewardStats`.
+    """A reward function wrapped by :func:`safe_reward` (with its ``timeout_s``) and its :class:`RewardStats`.
 
     >>> r = SafeReward(lambda c, p: float(c))
     >>> r("0.5", None), r("oops", None), r.n_errors, r.n_calls
     (0.5, 0.0, 1, 2)
     """
 
-    def __init__(self, fn: Callable[[str, Any], float], *, strict: bool = False):
-        self.fn, self.strict, self.stats = fn, strict, RewardStats()
+    def __init__(
+        self, fn: Callable[[str, Any], float], *, strict: bool = False, timeout_s: float | None = None
+    ):
+        self.fn, self.strict, self.timeout_s, self.stats = fn, strict, timeout_s, RewardStats()
 
     @property
     def n_errors(self) -> int:
@@ -103,7 +107,9 @@ class SafeReward:
         return self.stats.n_calls
 
     def __call__(self, completion: str, problem: Any) -> float:
-        return safe_reward(self.fn, completion, problem, strict=self.strict, stats=self.stats)
+        return safe_reward(
+            self.fn, completion, problem, strict=self.strict, stats=self.stats, timeout_s=self.timeout_s
+        )
 
     def batch(self, completions: Sequence[str], problems: Sequence[Any]) -> list[float]:
         """Rewards for aligned lists of completions and problems."""

@@ -77,6 +77,40 @@ def _with_itimer(fn: Callable[[], Any], timeout_s: float) -> Any:
             signal.setitimer(signal.ITIMER_REAL, remaining, old_interval)
 
 
+def run_with_deadline(fn: Callable[[], Any], timeout_s: float | None, what: str = "the call") -> Any:
+    """``fn()``, or ``TimeoutError`` naming ``what`` once it has run ``timeout_s`` seconds (None: unbounded).
+
+    In the main thread a SIGALRM timer interrupts ``fn`` where it is (Python code, ``time.sleep``, most
+    blocking I/O). Elsewhere (no signals there) ``fn`` runs in a daemon thread that is abandoned on overrun:
+    the caller goes on, the thread may run to its end in the background.
+    """
+    if timeout_s is None:
+        return fn()
+    if _can_use_signals():
+        try:
+            return _with_itimer(fn, float(timeout_s))
+        except _GraderTimeout:
+            raise TimeoutError(f"{what} did not return within {timeout_s} s") from None
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # handed to the caller below
+            box["error"] = err
+
+    worker = threading.Thread(target=target, daemon=True, name="entdyn-deadline")
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise TimeoutError(
+            f"{what} did not return within {timeout_s} s (left running in a background thread)"
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def _worker_stdio() -> None:  # pragma: no cover - runs in the child process
     """Child side of :class:`_Worker`: JSON lines ``[pred, reference]`` in, ``["ok", bool]`` out."""
     import json

@@ -115,8 +115,14 @@ def problems_from_records(
 
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
     rows = []
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                byte = raw[err.start] if err.start < len(raw) else 0
+                msg = f"not UTF-8 (byte {byte:#04x} at byte {err.start + 1}); save the file as UTF-8"
+                raise ValueError(f"{path}: line {lineno}: {msg}") from None
             if not line.strip():
                 continue
             try:

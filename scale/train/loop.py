@@ -37,7 +37,7 @@ from .runtime import (
     sync,
     to_floats,
 )
-from .setup import Run, build_run, checkpoint, resume
+from .setup import Run, build_run, checkpoint, restore_replaced, resume
 from .update import ppo_update
 
 __all__ = ["StepBatch", "main", "run_cli", "train", "train_step"]
@@ -100,15 +100,20 @@ def rewards_and_advantages(run: Run, b: StepBatch) -> None:
     except Exception as err:  # only with strict_reward
         raise RewardFunctionError(f"step {step}: the reward function raised {err!r}") from err
     run.state.reward_errors_total += reward.n_errors - n_err
-    rewards = torch.tensor(b.rewards, dtype=torch.float32)  # (N,)
+    rewards = torch.tensor(b.rewards, dtype=torch.float64)  # (N,) float64: any finite float reward fits
     check_replicated(b.ro.response, run.dd, f"step {step}: the sampled batch")  # (several processes)
     check_replicated(rewards, run.dd, f"step {step}: the rewards")
-    b.adv_seq = theory.grpo_advantages(rewards.view(P, G), **run.preset).reshape(N).to(run.device)
+    adv = theory.grpo_advantages(rewards.view(P, G), **run.preset)  # scale-safe for huge rewards
+    b.adv_seq = adv.reshape(N).to(device=run.device, dtype=torch.float32)
     b.adv = torch.where(b.ro.mask, b.adv_seq[:, None], 0.0)
     correct = rewards == float(run.correct_value) if run.correct_value is not None else rewards > 0
     rg = rewards.view(P, G)
     m = b.metrics
-    m["reward/mean"], m["reward/std"] = rewards.mean(), rewards.std(correction=0)
+    scale = rewards.abs().max().clamp(min=1.0)  # mean and std of rewards near the float64 limit stay finite
+    m["reward/mean"], m["reward/std"] = (
+        (rewards / scale).mean() * scale,
+        (rewards / scale).std(correction=0) * scale,
+    )
     m["accuracy"] = correct.float().mean()
     m["reward/zero_std_frac"] = (rg.max(1).values == rg.min(1).values).float().mean()
     m["reward/errors"], m["reward/errors_total"] = reward.n_errors - n_err, run.state.reward_errors_total
@@ -264,27 +269,36 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
     gradient norm, :class:`RewardFunctionError` when a strict reward function raises.
     """
     run = build_run(cfg, reward_fn)
-    if run.cfg.run.resume:
-        resume(run)
-    logger = None
-    if run.dd.is_main:  # rank 0 writes the run directory: config, metrics, samples, checkpoints
-        from ..flags import save_config
-
-        save_config(run.saved_cfg, run.run_dir)
-        purge = run.state.step + 1 if run.state.step else None
-        logger = MetricsLogger(run.run_dir, tensorboard=run.cfg.run.tensorboard, purge_step=purge)
-    progress = Progress(run)
+    logger = progress = None
     record: dict[str, Any] = {}
     t_run = time.perf_counter()
     last = run.cfg.run.stop_after or run.cfg.run.steps
     try:
+        if run.cfg.run.resume:
+            resume(run)
+        if run.dd.is_main and run.state.step < last:  # rank 0 writes the run directory (nothing if done)
+            from ..flags import save_config
+
+            save_config(run.saved_cfg, run.run_dir)
+            purge = run.state.step + 1 if run.state.step else None
+            logger = MetricsLogger(run.run_dir, tensorboard=run.cfg.run.tensorboard, purge_step=purge)
+        progress = Progress(run)
         while run.state.step < last:
             record = train_step(run, logger)
             progress.update(run.state.step, record)
+    except BaseException:
+        if logger is not None:
+            logger.close()
+            logger = None
+        if run.dd.is_main and restore_replaced(run.run_dir):  # an --overwrite failed before a checkpoint
+            print(f"{run.run_dir}: the new run failed before its first checkpoint; the run it was "
+                  "replacing is restored", file=sys.stderr, flush=True)  # fmt: skip
+        raise
     finally:
         if logger is not None:
             logger.close()
-        progress.close()
+        if progress is not None:
+            progress.close()
     barrier(run.dd)  # rank 0's last checkpoint is complete when any process returns
     return {"run_dir": str(run.run_dir), "step": run.state.step, "wall_s": time.perf_counter() - t_run,
             "last": record}  # fmt: skip
@@ -355,12 +369,22 @@ def run_cli(make_config: Callable[[], TrainConfig]) -> int:
     except (TrainingDiverged, RewardFunctionError) as err:
         print(f"entdyn train: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            "entdyn train: interrupted; continue from the last checkpoint with --resume RUN_DIR",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         if dist.is_available() and dist.is_initialized():  # started by train() from torchrun's environment
             dist.destroy_process_group()
     if dist.is_available() and int(os.environ.get("RANK", "0")) != 0:
         return 0  # the other processes print nothing
     rec = summary["last"]
+    if not rec:
+        print(f"done: the run in {summary['run_dir']} is already at step {summary['step']}: nothing to do "
+              f"(pass --steps {summary['step'] + 1} or more to continue it)", file=sys.stderr)  # fmt: skip
+        return 0
     print(
         f"done: {summary['step']} steps in {summary['wall_s']:.1f} s, run directory {summary['run_dir']} "
         f"(last reward {rec.get('reward/mean')}, entropy {rec.get('entropy')})",

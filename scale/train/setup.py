@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from ..checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     restore_rng,
+    resumable_checkpoint,
     save_checkpoint,
 )
 from ..config import (
@@ -111,7 +113,10 @@ def load_model(cfg: TrainConfig):
     if m.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("model.device", f": {m.device!r} requested but CUDA is not available")
     # always float32 parameters: float64 converts below, bfloat16 keeps float32 master weights (autocast)
-    model, tok = load(m.name, dtype="float32", device=m.device, seed=cfg.run.seed, cache_dir=m.cache_dir)
+    try:
+        model, tok = load(m.name, dtype="float32", device=m.device, seed=cfg.run.seed, cache_dir=m.cache_dir)
+    except (ValueError, ImportError, OSError) as err:  # unknown name, model wheel missing, not a model folder
+        raise ConfigError("model.name", f": {m.name!r}: {str(err).splitlines()[0]}") from None
     if m.dtype == "float64":
         model = model.to(torch.float64)
     model.eval()  # dropout off throughout (see the package docstring)
@@ -150,9 +155,66 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.
     )
 
 
+RUN_FILES = ("metrics.jsonl", "checkpoints", "samples", "tb", "config.yaml", "config.json")
+"""What a run writes into its directory (and ``--overwrite`` replaces)."""
+REPLACED = ".replaced"
+"""``RUN_DIR/.replaced/``: the previous run while an ``--overwrite`` has no checkpoint of its own yet."""
+
+
+def _say(cfg: TrainConfig, message: str) -> None:
+    if cfg.run.progress != "off":
+        print(message, file=sys.stderr, flush=True)
+
+
+def _writable_dir(run_dir: Path) -> None:
+    """Raise :class:`ConfigError` unless ``run_dir`` is, or can be made, a writable directory."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("run.out", f": {str(run_dir)!r} is a file, not a directory; pass another --out")
+    probe = run_dir
+    while not probe.exists():  # the nearest existing ancestor must let us create the rest
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError("run.out", f": {str(probe)!r} is a file, so {str(run_dir)!r} cannot be created")
+    try:  # a real write (os.access says yes to root on a file system that refuses it)
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".entdyn-write-test-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            "run.out", f": cannot write into {str(probe)!r} ({err.strerror or err}); pass another --out"
+        ) from None
+
+
+def restore_replaced(run_dir: Path) -> bool:
+    """Put back the run an ``--overwrite`` moved aside (the new run's files go); True if there was one."""
+    aside = run_dir / REPLACED
+    if not aside.is_dir():
+        return False
+    for name in RUN_FILES:
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    for item in aside.iterdir():
+        os.replace(item, run_dir / item.name)
+    aside.rmdir()
+    return True
+
+
 def prepare_run_dir(cfg: TrainConfig, modify: bool = True) -> Path:
-    """The run directory, checked; ``modify=False`` (the processes other than rank 0) only checks."""
+    """The run directory, checked; ``modify=False`` only checks (nothing on disk changes).
+
+    A previous ``--overwrite`` that was interrupted before its first checkpoint is undone first (the old run
+    comes back). With ``modify``, ``--overwrite`` moves the old run's files to ``RUN_DIR/.replaced/``
+    (:func:`restore_replaced` puts them back if the new run fails before its first checkpoint;
+    :func:`checkpoint` deletes them after it), ``--resume`` removes temp files of an interrupted save.
+    """
     run_dir = Path(cfg.run.out)
+    _writable_dir(run_dir)
+    if modify and (run_dir / REPLACED).is_dir() and latest_checkpoint(run_dir) is None:
+        restore_replaced(run_dir)
+        _say(cfg, f"{run_dir}: an --overwrite was interrupted before its first checkpoint; "
+                  "restored the run it was replacing")  # fmt: skip
     if cfg.run.resume:
         if latest_checkpoint(run_dir) is None:
             raise ConfigError("run.resume", f": {str(run_dir)!r} holds no checkpoint to resume from")
@@ -168,13 +230,15 @@ def prepare_run_dir(cfg: TrainConfig, modify: bool = True) -> Path:
         )
     if not modify:
         return run_dir
-    for p in ("metrics.jsonl", "checkpoints", "samples", "tb"):
-        target = run_dir / p
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
+    old = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    if old:
+        aside = run_dir / REPLACED
+        if aside.exists():  # the leftover of a replacement that completed but was not cleaned up
+            shutil.rmtree(aside)
+        aside.mkdir()
+        for item in old:
+            os.replace(item, aside / item.name)
     return run_dir
 
 
@@ -210,12 +274,34 @@ def _task(cfg: TrainConfig) -> Task:
     return task
 
 
+def _check_prompts(cfg: TrainConfig, task: Task, tok, model) -> None:
+    """Every prompt plus ``rollout.max_new_tokens`` must fit the model's context (checked before any
+    rollout: a prompt of a million tokens would otherwise try to allocate its KV cache)."""
+    from ..rollout import prompt_lengths
+    from ..tasks import format_prompt
+
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not context:
+        return
+    new = cfg.rollout.max_new_tokens
+    for split, problems in (("train", task.train), ("eval", task.eval)):
+        lengths = prompt_lengths(tok, [format_prompt(p, tok) for p in problems])
+        for p, n in zip(problems, lengths, strict=True):
+            if n + new > context:
+                raise ConfigError(
+                    "task.spec",
+                    f": {split} problem {p.id!r} has a prompt of {n} tokens, which with {new} new tokens "
+                    f"exceeds the model's context of {context}; drop or shorten it, or lower "
+                    "--max-new-tokens",
+                )
+
+
 def build_run(cfg: TrainConfig, reward_fn: Callable[[str, Any], float] | None = None) -> Run:
-    """Check the configuration (before loading anything heavy), then build every piece of the run."""
+    """Check the configuration, the task, the model and the prompts, and only then touch the run
+    directory (:func:`prepare_run_dir`); build every piece of the run."""
     cfg = validate(cfg)
     cfg, saved_cfg, dd = _processes(cfg)
-    run_dir = prepare_run_dir(cfg, modify=dd.is_main)
-    barrier(dd)
+    prepare_run_dir(cfg, modify=False)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     task = _task(cfg)
@@ -226,7 +312,10 @@ def build_run(cfg: TrainConfig, reward_fn: Callable[[str, Any], float] | None = 
     detector = make_stage_detector(cfg.rule.stage_detector)
 
     model, tok = load_model(cfg)
+    _check_prompts(cfg, task, tok, model)
     ref = load_model(cfg)[0].requires_grad_(False) if cfg.loss.kl_beta > 0 else None
+    run_dir = prepare_run_dir(cfg, modify=dd.is_main)
+    barrier(dd)
     for m in (model, ref) if ref is not None else (model,):
         broadcast_params(m, dd)  # replicas start equal (a no-op with one process)
         if dd.enabled and cfg.model.fsdp:  # parameters, gradients and optimizer state sharded (FSDP2)
@@ -240,7 +329,7 @@ def build_run(cfg: TrainConfig, reward_fn: Callable[[str, Any], float] | None = 
     )
     return Run(
         cfg=cfg, saved_cfg=saved_cfg, dd=dd, run_dir=run_dir, task=task,
-        reward=SafeReward(reward_fn, strict=cfg.task.strict_reward),
+        reward=SafeReward(reward_fn, strict=cfg.task.strict_reward, timeout_s=cfg.task.reward_timeout_s),
         correct_value=getattr(reward_fn, "correct", None), rule=rule, detector=detector,
         preset=theory.ADVANTAGE_PRESETS[cfg.rollout.advantages], model=model, tok=tok, ref=ref,
         optimizer=optimizer, scheduler=scheduler, own=own, state=state,
@@ -248,9 +337,22 @@ def build_run(cfg: TrainConfig, reward_fn: Callable[[str, Any], float] | None = 
 
 
 def resume(run: Run) -> None:
-    """Restore model, optimizer, schedule, RNGs and :class:`RunState` from the latest checkpoint."""
-    ckpt = latest_checkpoint(run.run_dir)
-    js, ts = load_checkpoint(ckpt, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler)
+    """Restore model, optimizer, schedule, RNGs and :class:`RunState` from the newest intact checkpoint
+    (:func:`scale.checkpoint.resumable_checkpoint`: damaged newer ones are moved aside, with a message)."""
+
+    def load(path):
+        return load_checkpoint(path, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler)
+
+    found = resumable_checkpoint(run.run_dir, load, report=lambda msg: _say(run.cfg, f"resume: {msg}"))
+    if found is None:
+        raise ConfigError("run.resume", f": no checkpoint in {str(run.run_dir)!r} is intact (see above)")
+    _, (js, ts) = found
+    if js["step"] > run.cfg.run.steps:
+        raise ConfigError(
+            "run.steps",
+            f": the run is at step {js['step']}, beyond --steps {run.cfg.run.steps}; pass --steps "
+            f"{js['step'] + 1} or more to continue it",
+        )
     s = run.state
     s.step, s.data_epoch, s.data_pos = js["step"], js["data"]["epoch"], js["data"]["pos"]
     s.reward_errors_total = js["reward_errors_total"]
@@ -279,3 +381,6 @@ def checkpoint(run: Run, full_states: dict) -> None:
         },
         tensor_state={"rng": rng_tensors, "rule_state": s.rule_state}, **full_states,
     )  # fmt: skip
+    replaced = run.run_dir / REPLACED
+    if replaced.is_dir():  # an --overwrite: the new run has its first checkpoint, the old one can go
+        shutil.rmtree(replaced)

@@ -121,8 +121,10 @@ def quantile(xp, x: Array, mask: Array, q: float) -> Array:
     """Linear-interpolation quantile of ``x`` over ``mask`` along the last axis: ``(..., n) -> (...)``.
 
     Matches ``torch.quantile``/``numpy.quantile`` (method "linear") on the selected values. Rows with
-    no selected value give NaN.
+    no selected value (also an empty last axis) give NaN.
     """
+    if x.shape[-1] == 0:  # nothing to sort or index (a batch with B = 0 or T = 0)
+        return xp.full(tuple(x.shape[:-1]), float("nan"), dtype=x.dtype, device=array_api_compat.device(x))
     big = xp.full_like(x, float("inf"))
     srt = xp.sort(xp.where(mask, x, big), axis=-1)  # selected values first, ascending
     srt = xp.where(xp.isfinite(srt), srt, xp.zeros_like(srt))

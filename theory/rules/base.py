@@ -15,6 +15,13 @@ A rule never computes a loss. The backend (the toy's logit update, the trainer's
 Design constraints (tested): the same code runs on NumPy and torch (array API); randomness only from
 the caller's ``noise`` array; no host synchronisation (counts stay 0-d arrays); outputs carry no
 gradient; every ratio is a fraction in [0, 1].
+
+Non-finite inputs (``docs/rules.md`` "Non-finite inputs"), applied once, here, before any rule sees the
+batch: a token where any given float field (``logp``, ``adv``, ``old_logp``, ``entropy``, ``baseline``,
+``position``) is NaN or infinite is treated as not valid (``valid & finite``), its non-finite values are
+replaced by 0 so that no statistic over the batch is contaminated, and the rule then runs as usual, so
+``keep`` is False there. Float fields of less than 32 bits are computed in float32. Every output
+carries the metric ``nonfinite_frac``: the fraction of the valid tokens that were left out this way.
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .._xp import Array, namespace
+from .._xp import Array, exclude_nonfinite, namespace
 from ..spec import build, normalise_name, parse_spec, split_composite
+from ._stats import count, metric, safe_frac
 
 __all__ = [
     "TokenBatch",
@@ -148,11 +156,34 @@ class RuleOutput:
     state: Any = None
 
 
+#: the float fields of a TokenBatch that the non-finite policy checks (``None`` ones are skipped)
+FLOAT_FIELDS = ("logp", "adv", "old_logp", "entropy", "baseline", "position")
+
+
+def without_nonfinite(batch: TokenBatch) -> tuple[TokenBatch, Array]:
+    """``(clean batch, nonfinite_frac)``: the non-finite policy of every rule (module docstring).
+
+    A token whose :data:`FLOAT_FIELDS` that are not ``None`` are not all finite leaves ``valid``; every
+    non-finite value (on any token, valid or not) becomes 0, and fields of less than 32 bits become
+    float32 (:func:`theory._xp.exclude_nonfinite`). ``nonfinite_frac`` = (valid tokens that were
+    non-finite) / (valid tokens), 0 for a batch without valid tokens, shape ``(...)`` for a ``(..., B, T)``
+    batch; it stays an array (no host synchronisation).
+    """
+    xp = batch.xp
+    finite, clean = exclude_nonfinite(xp, {name: getattr(batch, name) for name in FLOAT_FIELDS})
+    like = clean["logp"]
+    valid = batch.valid
+    frac = metric(xp, safe_frac(xp, count(xp, valid & ~finite, like), count(xp, valid, like)))
+    return batch.replace(valid=valid & finite, **clean), frac
+
+
 class Rule:
     """Base class of every token rule: a frozen dataclass with ``name``, ``source`` and ``__call__``.
 
     Subclasses implement :meth:`apply`; ``__call__`` detaches the inputs first so no output can carry
-    a gradient. ``needs`` lists the optional :class:`TokenBatch` fields the rule reads.
+    a gradient, applies the non-finite policy (:func:`without_nonfinite`: ``apply`` never sees a NaN or
+    an infinity, and a token that had one is not valid) and adds the metric ``nonfinite_frac``.
+    ``needs`` lists the optional :class:`TokenBatch` fields the rule reads.
     """
 
     name: ClassVar[str] = ""
@@ -165,9 +196,16 @@ class Rule:
         return None
 
     def __call__(self, batch: TokenBatch, *, noise: Array | None = None, state: Any = None) -> RuleOutput:
+        clean, nonfinite_frac = without_nonfinite(batch.detached())
+        return self._run(clean, stop_gradient(noise), stop_gradient(state), nonfinite_frac)
+
+    def _run(self, batch: TokenBatch, noise: Array | None, state: Any, nonfinite_frac: Array) -> RuleOutput:
+        """Apply the rule to a batch that is already detached and cleaned (:func:`without_nonfinite`)."""
         for name in self.needs:
             batch.require(name, type(self).__name__)
-        return self.apply(batch.detached(), noise=stop_gradient(noise), state=stop_gradient(state))
+        out = self.apply(batch, noise=noise, state=state)
+        metrics = {**out.metrics, "nonfinite_frac": nonfinite_frac}
+        return RuleOutput(out.keep, out.adv, out.weight, out.kl_coef, out.entropy_coef, metrics, out.state)
 
     def apply(self, batch: TokenBatch, *, noise: Array | None, state: Any) -> RuleOutput:  # pragma: no cover
         raise NotImplementedError
@@ -189,6 +227,12 @@ class Compose(Rule):
     over the original ``valid`` tokens. Outputs combine as: ``keep`` AND, ``weight`` product,
     ``kl_coef`` and ``entropy_coef`` sum; metrics are prefixed with each rule's name; the state is a
     tuple of the members' states. ``noise`` is passed to every member.
+
+    The non-finite policy is applied once, to the Compose's input: the members all see the same cleaned
+    batch, the unprefixed ``nonfinite_frac`` is the Compose's, and each member's ``<name>/nonfinite_frac``
+    is that same value (what the member would report if called alone on the input). An advantage that a
+    member itself makes non-finite (an overflow) is passed on unchecked: it makes the loss non-finite,
+    which the trainer refuses (``docs/rules.md`` "Non-finite inputs").
     """
 
     rules: tuple[Rule, ...] = ()
@@ -205,9 +249,9 @@ class Compose(Rule):
     def init_state(self):
         return tuple(r.init_state() for r in self.rules)
 
-    def __call__(self, batch: TokenBatch, *, noise: Array | None = None, state: Any = None) -> RuleOutput:
-        batch, noise = batch.detached(), stop_gradient(noise)
-        states = stop_gradient(state) if state is not None else self.init_state()
+    def _run(self, batch: TokenBatch, noise: Array | None, state: Any, nonfinite_frac: Array) -> RuleOutput:
+        # ``batch`` is already detached and cleaned once, by Rule.__call__; the members run on it directly
+        states = state if state is not None else self.init_state()
         if len(states) != len(self.rules):
             raise ValueError(f"state must hold one entry per rule ({len(self.rules)}), got {len(states)}")
         keep, adv = batch.valid, batch.adv
@@ -216,7 +260,7 @@ class Compose(Rule):
         new_states = []
         names = [r.name for r in self.rules]
         for i, (rule, st) in enumerate(zip(self.rules, states, strict=True)):
-            out = rule(batch.replace(adv=adv), noise=noise, state=st)
+            out = rule._run(batch.replace(adv=adv), noise, st, nonfinite_frac)
             repeat = names[: i + 1].count(rule.name)
             prefix = rule.name if names.count(rule.name) == 1 else f"{rule.name}#{repeat}"
             keep = keep & out.keep
@@ -227,6 +271,7 @@ class Compose(Rule):
             for k, v in out.metrics.items():
                 metrics[f"{prefix}/{k}"] = v
             new_states.append(out.state)
+        metrics["nonfinite_frac"] = nonfinite_frac
         return RuleOutput(keep, adv, weight, kl, ent, metrics, tuple(new_states))
 
 

@@ -347,8 +347,9 @@ class HighEntropyMask(Rule):
         xp = batch.xp
         valid, H = batch.valid, batch.entropy
         lead = tuple(H.shape[:-2])
-        flat_H = xp.reshape(H, lead + (-1,))
-        flat_v = xp.reshape(valid, lead + (-1,))
+        n = H.shape[-2] * H.shape[-1]  # (not -1: a reshape of an empty array cannot infer it)
+        flat_H = xp.reshape(H, lead + (n,))
+        flat_v = xp.reshape(valid, lead + (n,))
         tau = quantile(xp, flat_H, flat_v, 1.0 - self.rho)  # (...)
         drop = valid & (H < xp.expand_dims(xp.expand_dims(tau, axis=-1), axis=-1))
         metrics = _polarity_metrics(xp, drop, batch)

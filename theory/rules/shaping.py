@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import array_api_compat
+
 from ._stats import masked_mean, metric, quantile, relative_position, scalar, sequence_mean
 from .base import Rule, RuleOutput, register
 
@@ -81,11 +83,18 @@ class PPLShaping(Rule):
         metrics = {
             "log_ppl_mean": per_seq(ell),
             "w_abs_mean": per_seq(xp.abs(w)),
-            "factor_min": xp.min(xp.where(has, factor, xp.full_like(factor, hi)), axis=-1),
-            "factor_max": xp.max(xp.where(has, factor, xp.full_like(factor, lo)), axis=-1),
+            "factor_min": _extreme(xp, xp.min, xp.where(has, factor, xp.full_like(factor, hi)), hi),
+            "factor_max": _extreme(xp, xp.max, xp.where(has, factor, xp.full_like(factor, lo)), lo),
             "clamped_frac": per_seq(xp.astype(clamped, ell.dtype)),
         }
         return RuleOutput(keep=valid, adv=new_adv, metrics=metrics)
+
+
+def _extreme(xp, reduce, x, empty: float):
+    """``reduce(x, axis=-1)``, or ``empty`` everywhere when the last axis (the ``B`` sequences) is empty."""
+    if x.shape[-1] == 0:
+        return xp.full(tuple(x.shape[:-1]), empty, dtype=x.dtype, device=array_api_compat.device(x))
+    return reduce(x, axis=-1)
 
 
 def _sigmoid(xp, x):
