@@ -22,7 +22,7 @@ OUT        ?= runs/demo
 SMOL_DEMO_ARGS ?= --task arithmetic:digits=1,ops=1,n_train=100,n_eval=20 --prompts 4 --group-size 4 \
 	--max-new-tokens 32 --steps 3 --lr 1e-5 --diag-every 1 --threads 2 --progress log
 
-.PHONY: demo test test-verl lab install bench lint clean
+.PHONY: demo test test-verl test-lower lab install bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -60,8 +60,28 @@ test-verl: $(VERL_VENV)/.installed
 	ENTDYN_REQUIRE_VERL=1 PYTHONPATH=$(CURDIR) $(VERL_VENV)/bin/python -m pytest -p no:cacheprovider \
 		tests/test_adapter_verl.py
 
+# the trainer and the TRL adapter at the lower bounds of the APIs they use most (CI runs it after
+# `make test`): transformers 5.24 (the first with `cache=`), accelerate 1.10.1 (TRL 1.16's floor)
+LOWER_VENV ?= .venv-lower
+LOWER_PINS ?= transformers==5.24.0 accelerate==1.10.1
+LOWER_TESTS ?= tests/test_packaging.py tests/test_scale_rollout.py tests/test_scale_models.py \
+	tests/test_scale_train.py tests/test_faults.py tests/test_adapter_trl.py
+$(LOWER_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(LOWER_VENV)
+	$(LOWER_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOWER_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)" "numpy>=2"
+	$(LOWER_VENV)/bin/python -m pip install --quiet -e ".[scale,dev]" $(LOWER_PINS)
+	@touch $@
+
+test-lower: $(LOWER_VENV)/.installed
+	MPLBACKEND=Agg ENTDYN_EXPECT_VERSIONS="$(LOWER_PINS)" $(LOWER_VENV)/bin/python -m pytest \
+		-p no:cacheprovider -q $(LOWER_TESTS)
+
+# root (containers) needs --allow-root; no browser on a headless machine. In a container whose port is
+# published: make lab LAB_ARGS='--ip 0.0.0.0'
+LAB_ARGS   ?= $(if $(filter 0,$(shell id -u)),--allow-root) --no-browser
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(LAB_ARGS) notebooks/
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_theory.py
@@ -72,4 +92,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check theory toy scale entdyn tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(VERL_VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VERL_VENV) $(LOWER_VENV) runs .pytest_cache .hypothesis

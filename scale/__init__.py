@@ -11,3 +11,7 @@ the lm_head, chunked), :mod:`scale.loss` (the one place a rule's output meets th
 Importing the package pulls in nothing: torch and transformers are imported by the modules that need
 them (``scale.config`` and ``scale.flags`` never do).
 """
+
+from scale._name_guard import check_scale_name
+
+check_scale_name()

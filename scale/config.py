@@ -22,11 +22,11 @@ saved ``RUN_DIR/config.yaml``; a ``--config FILE`` (YAML or JSON, nested by sect
 the command line. The resolved configuration is written to ``RUN_DIR/config.yaml`` (JSON,
 ``config.json``, when PyYAML is missing) and is what ``--resume`` reads back.
 
-**Validation** (:func:`validate`) runs before anything heavy is loaded and raises
-:class:`ConfigError` (a ``ValueError``) whose message starts with the dotted field name, e.g.
-``rollout.group_size must be >= 2 ...`` or ``optim.minibatches: 30 sequences per step ... do not split
-into 4 minibatches``. Unknown rule, task and model names are reported the same way (``rule.spec: unknown
-rule 'foo'; registered: ...``).
+**Validation** (:func:`validate`; the per-section checks are :mod:`scale._validate`) runs before
+anything heavy is loaded and raises :class:`ConfigError` (a ``ValueError``) whose message starts with the
+dotted field name, e.g. ``rollout.group_size must be >= 2 ...`` or ``optim.minibatches: 30 sequences per
+step ... do not split into 4 minibatches``. Unknown rule, task, model and tracker names are reported the
+same way (``rule.spec: unknown rule 'foo'; registered: ...``).
 
 This module imports neither torch nor transformers (``entdyn train --help`` needs none); values are
 converted by :func:`theory.spec.coerce`, the one parser of the project's spec strings, and files and
@@ -321,7 +321,10 @@ class RunConfig:
         stop_after: stop after this step as if interrupted (the lr schedule still spans steps).
         threads: torch.set_num_threads (none = leave torch's setting alone).
         progress: auto (a bar on a terminal, log lines otherwise), bar, log or off.
-        tensorboard: also write TensorBoard events to RUN_DIR/tb (skipped if tensorboard is missing).
+        report_to: where the metrics go besides RUN_DIR/metrics.jsonl (always written): a comma list of
+            tensorboard (events in RUN_DIR/tb), wandb, mlflow (accelerate's trackers; the names of TRL's
+            report_to), or none. The tracker's package must be installed (pip install wandb).
+        tensorboard: false leaves tensorboard out of report_to (--no-tensorboard; older configs).
         overwrite: allow out to be a directory that already holds a run (its files are replaced).
     """
 
@@ -334,6 +337,7 @@ class RunConfig:
     stop_after: int | None = None
     threads: int | None = None
     progress: Literal["auto", "bar", "log", "off"] = "auto"
+    report_to: str = "tensorboard"
     tensorboard: bool = True
     overwrite: bool = False
 
@@ -446,6 +450,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     them. Returns the checked configuration: ``cfg`` itself, or a copy with the short dtype name
     (``bf16``) replaced by the full one; ``cfg`` is never modified.
     """
+    from ._validate import check_optim, check_rest, check_rollout
     from .models import resolve_name  # (no torch import)
     from .tasks import TASKS
 
@@ -477,107 +482,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
               "must be a finite number > 0", t.grade_timeout_s)  # fmt: skip
     _positive(t.reward_timeout_s is None or (_is_number(t.reward_timeout_s) and t.reward_timeout_s > 0),
               "task.reward_timeout_s", "must be a finite number > 0 or none", t.reward_timeout_s)  # fmt: skip
-    _validate_rollout(cfg.rollout)
+    check_rollout(cfg.rollout)
     make_rule_from_config(cfg.rule.spec)
     make_stage_detector(cfg.rule.stage_detector)
-    _validate_optim(cfg)
-    _validate_rest(cfg.diag, cfg.eval, cfg.run)
+    check_optim(cfg)
+    check_rest(cfg.diag, cfg.eval, cfg.run)
     return cfg
-
-
-def _validate_rollout(r: RolloutConfig) -> None:
-    from theory import ADVANTAGE_PRESETS
-
-    _positive(r.prompts >= 1, "rollout.prompts", "must be >= 1", r.prompts)
-    _positive(
-        r.group_size >= 2,
-        "rollout.group_size",
-        "must be >= 2 (a GRPO advantage compares samples of one prompt; G = 1 gives no signal)",
-        r.group_size,
-    )
-    _positive(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", r.max_new_tokens)
-    _positive(
-        0 <= r.min_new_tokens <= r.max_new_tokens,
-        "rollout.min_new_tokens",
-        "must lie in [0, max_new_tokens]",
-        r.min_new_tokens,
-    )
-    _positive(
-        math.isfinite(r.temperature) and r.temperature > 0,
-        "rollout.temperature",
-        "must be > 0",
-        r.temperature,
-    )
-    _positive(0 < r.top_p <= 1, "rollout.top_p", "must lie in (0, 1]", r.top_p)
-    _positive(r.top_k >= 0, "rollout.top_k", "must be >= 0", r.top_k)
-    _positive(
-        r.advantages in ADVANTAGE_PRESETS,
-        "rollout.advantages",
-        f"must be one of {', '.join(ADVANTAGE_PRESETS)}",
-        r.advantages,
-    )
-    _positive(r.score_batch >= 1, "rollout.score_batch", "must be >= 1", r.score_batch)
-
-
-def _validate_optim(cfg: TrainConfig) -> None:
-    o, r = cfg.optim, cfg.rollout
-    _positive(math.isfinite(o.lr) and o.lr > 0, "optim.lr", "must be a finite number > 0", o.lr)
-    _positive(0 <= o.beta1 < 1, "optim.beta1", "must lie in [0, 1)", o.beta1)
-    _positive(0 <= o.beta2 < 1, "optim.beta2", "must lie in [0, 1)", o.beta2)
-    _positive(o.eps > 0, "optim.eps", "must be > 0", o.eps)
-    _positive(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
-    _positive(
-        o.max_grad_norm is None or o.max_grad_norm > 0,
-        "optim.max_grad_norm",
-        "must be > 0 or none",
-        o.max_grad_norm,
-    )
-    _positive(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", o.warmup_steps)
-    _positive(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must lie in [0, 1]", o.min_lr_ratio)
-    _positive(o.ppo_epochs >= 1, "optim.ppo_epochs", "must be >= 1", o.ppo_epochs)
-    _positive(o.minibatches >= 1, "optim.minibatches", "must be >= 1", o.minibatches)
-    n = cfg.n_seqs
-    if n % o.minibatches:
-        raise ConfigError(
-            "optim.minibatches",
-            f": {n} sequences per step (rollout.prompts {r.prompts} x rollout.group_size {r.group_size}) "
-            f"do not split into {o.minibatches} equal minibatches",
-        )
-    _positive(o.micro_batch >= 0, "optim.micro_batch", "must be >= 0", o.micro_batch)
-    if o.micro_batch and cfg.minibatch_size % o.micro_batch:
-        raise ConfigError(
-            "optim.micro_batch",
-            f": a minibatch of {cfg.minibatch_size} sequences does not split into micro-batches of "
-            f"{o.micro_batch}",
-        )
-
-
-def _validate_rest(d: DiagnosticsConfig, e: EvalConfig, run: RunConfig) -> None:
-    _positive(d.diag_every >= 0, "diag.diag_every", "must be >= 0", d.diag_every)
-    _positive(d.samples_per_step >= 0, "diag.samples_per_step", "must be >= 0", d.samples_per_step)
-    _positive(d.pos_buckets >= 1, "diag.pos_buckets", "must be >= 1", d.pos_buckets)
-    _positive(e.eval_every >= 0, "eval.eval_every", "must be >= 0", e.eval_every)
-    _positive(e.eval_problems >= 1, "eval.eval_problems", "must be >= 1", e.eval_problems)
-    _positive(e.eval_k >= 1, "eval.eval_k", "must be >= 1", e.eval_k)
-    _positive(
-        math.isfinite(e.eval_temperature) and e.eval_temperature > 0,
-        "eval.eval_temperature",
-        "must be > 0",
-        e.eval_temperature,
-    )
-    # run
-    _positive(run.steps >= 1, "run.steps", "must be >= 1", run.steps)
-    _positive(0 <= run.seed < 2**63, "run.seed", "must lie in [0, 2**63)", run.seed)
-    _positive(run.save_every >= 0, "run.save_every", "must be >= 0", run.save_every)
-    _positive(run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1", run.keep_checkpoints)
-    _positive(
-        run.stop_after is None or 1 <= run.stop_after <= run.steps,
-        "run.stop_after",
-        "must lie in [1, steps] or be none",
-        run.stop_after,
-    )
-    _positive(run.threads is None or run.threads >= 1, "run.threads", "must be >= 1 or none", run.threads)
-    _positive(bool(str(run.out).strip()), "run.out", "must be a directory path", run.out)
 
 
 def validate_distributed(cfg: TrainConfig, world: int) -> TrainConfig:

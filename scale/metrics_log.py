@@ -1,14 +1,15 @@
-r"""What the trainer writes per step: ``metrics.jsonl``, TensorBoard events, ``samples/step_XXXXXX.jsonl``.
+r"""What the trainer writes per step: ``metrics.jsonl``, the trackers, ``samples/step_XXXXXX.jsonl``.
 
 Files in ``RUN_DIR`` (``entdyn plot`` reads exactly these; key names are stable):
 
-* ``metrics.jsonl``: one JSON object per training step, ``{"step": s, "<key>": float | null, ...}``,
-  keys flat and slash-grouped; ``null`` means not computed that step (e.g. ``eval/*`` between
-  evaluations). A mean over an empty set of tokens is 0 (:mod:`theory.diagnostics`, as the rules and
-  the toy report it): ``entropy/neg`` is 0 when no sample had a negative advantage, which
-  ``adv/neg_frac = 0`` tells apart (``entdyn plot`` leaves such steps out). Steps count from 1; step
-  ``s`` is the ``s``-th update.
-* ``tb/``: the same scalars as TensorBoard events (skipped when tensorboard cannot be imported).
+* ``metrics.jsonl`` (always written): one JSON object per training step, ``{"step": s, "<key>": float |
+  null, ...}``, keys flat and slash-grouped; ``null`` means not measured that step (e.g. ``eval/*``
+  between evaluations, ``stage/plateau_step`` before the plateau) or not finite. A mean over an empty
+  set of tokens is 0 (:mod:`theory.diagnostics`, as the rules and the toy report it): ``entropy/neg``
+  is 0 when no sample had a negative advantage, which ``adv/neg_frac = 0`` tells apart (``entdyn plot``
+  leaves such steps out). Steps count from 1; step ``s`` is the ``s``-th update.
+* ``tb/``: the same scalars as TensorBoard events, with ``run.report_to`` containing ``tensorboard``
+  (the default).
 * ``samples/step_XXXXXX.jsonl``: a few completions of the step, one JSON object per line (below).
 * ``config.yaml``: the resolved configuration (:mod:`scale.config`); ``checkpoints/``
   (:mod:`scale.checkpoint`).
@@ -98,6 +99,22 @@ key                                meaning
 Keys starting with ``time/``, ``tokens_per_s`` and ``mem/`` (:data:`TIMING_PREFIXES`) vary between
 identical runs; everything else is reproducible bit for bit on CPU, also across ``--resume``.
 
+The TRL adapter (:mod:`scale.adapters.trl`) logs a subset of these keys under the same names
+(``entropy/pos``, ``s_star/mean``, ``quad/<q>_frac``, ``loss/kept_frac``, ``rule/<name>``,
+``theory/dH_tabular`` ...; not ``theory/dH_measured`` or ``theory/dH_jvp``), next to TRL's own keys
+(``reward``, ``entropy``, ``kl``, ``clip_ratio/*`` ...), which keep TRL's definitions.
+
+Trackers (``run.report_to``, ``--report-to``): a comma list of ``tensorboard``, ``wandb``, ``mlflow``
+(:data:`TRACKERS`; the names TRL's ``report_to`` takes too), or ``none``. Each is accelerate's tracker
+class (``accelerate.tracking``), started on the main process only, and receives every finite value of
+the step's record, never a ``null`` (a key missing from a step is simply not logged there). TensorBoard
+events go to ``RUN_DIR/tb``; on ``--resume`` its writer drops the events at and after the resumed step
+(``purge_step``: what the interrupted run wrote past its last checkpoint). wandb (project
+``$WANDB_PROJECT``, else ``entropy-dynamics``; files under ``RUN_DIR/wandb``) and mlflow (experiment
+``$MLFLOW_EXPERIMENT_NAME``, else ``entropy-dynamics``; ``$MLFLOW_TRACKING_URI``) get the run
+directory's name as the run name and the resolved configuration as parameters; a resumed run is a new
+run there, its steps continuing the old numbering.
+
 Samples (``samples/step_XXXXXX.jsonl``), one completion per line::
 
     {"step": int, "prompt": str, "completion": str,
@@ -114,15 +131,51 @@ Samples (``samples/step_XXXXXX.jsonl``), one completion per line::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TIMING_PREFIXES", "MetricsLogger", "read_metrics", "truncate_metrics", "write_samples"]
+__all__ = ["TIMING_PREFIXES", "TRACKERS", "MetricsLogger", "parse_report_to", "read_metrics", "trackers",
+           "truncate_metrics", "write_samples"]  # fmt: skip
 
 #: metric key prefixes that measure time or memory (not reproducible between runs)
 TIMING_PREFIXES = ("time/", "tokens_per_s", "mem/")
+#: the tracker names of ``run.report_to`` -> the package each needs (the validation checks it is there)
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+#: the wandb project and mlflow experiment when the environment names none
+PROJECT = "entropy-dynamics"
+
+
+def parse_report_to(text: str) -> list[str]:
+    """The tracker names of a ``run.report_to`` value (``"tensorboard,wandb"``; ``"none"``: ``[]``).
+
+    >>> parse_report_to(" TensorBoard , wandb,tensorboard"), parse_report_to("none")
+    (['tensorboard', 'wandb'], [])
+
+    Raises ``ValueError`` for an unknown name, an empty value, or ``none`` next to a tracker.
+    """
+    names = [n.strip().lower() for n in str(text).split(",")]
+    choices = ", ".join(TRACKERS)
+    if not any(names):
+        raise ValueError(f"names no tracker; give a comma list of {choices}, or none")
+    for n in names:
+        if n not in TRACKERS and n != "none":
+            raise ValueError(f"unknown tracker {n!r}; choose from {choices} (a comma list), or none")
+    if "none" in names:
+        if len(set(names)) > 1:
+            raise ValueError(f"'none' cannot be combined with trackers, got {text!r}; drop none or the rest")
+        return []
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def trackers(report_to: str, tensorboard: bool = True) -> list[str]:
+    """The trackers a run starts: :func:`parse_report_to` of ``run.report_to``, less ``tensorboard`` when
+    ``run.tensorboard`` is false (``--no-tensorboard``)."""
+    return [n for n in parse_report_to(report_to) if tensorboard or n != "tensorboard"]
 
 
 def _clean(value: Any) -> float | None:
@@ -132,41 +185,106 @@ def _clean(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1e-3}}`` as ``{"optim.lr": 1e-3}`` (the trackers' parameter tables)."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if v is None or isinstance(v, bool | int | float | str) else str(v)
+    return out
+
+
+@contextlib.contextmanager
+def _accelerate_logging() -> Iterator[None]:
+    """Around every call into an accelerate tracker: its module logger, a ``MultiProcessAdapter``, raises
+    unless an accelerate ``PartialState`` exists, and creating one would initialise ``torch.distributed``,
+    set ``RANK``/``WORLD_SIZE``/... in ``os.environ`` and the thread count: the trainer does its own
+    process-group handling (:mod:`scale.distributed`) and only its main process logs. So for the call
+    the module's logger is the plain ``logging.Logger`` under the adapter (same name, same messages)."""
+    from accelerate import tracking
+
+    adapter = getattr(tracking, "logger", None)
+    tracking.logger = getattr(adapter, "logger", adapter)
+    try:
+        yield
+    finally:
+        tracking.logger = adapter
+
+
+def _start_tracker(name: str, run_dir: Path, purge_step: int | None, config: dict[str, Any] | None):
+    """Accelerate's tracker ``name``, started, with the configuration as its parameters (not TensorBoard's:
+    ``config.yaml`` is next to its events, and ``add_hparams`` would add a second event folder)."""
+    from accelerate import tracking
+
+    if name == "tensorboard":  # events in run_dir / "tb"; kwargs go to SummaryWriter
+        tracker = tracking.TensorBoardTracker("tb", str(run_dir), purge_step=purge_step)
+    elif name == "wandb":
+        project = os.environ.get("WANDB_PROJECT", PROJECT)
+        tracker = tracking.WandBTracker(project, name=run_dir.name, dir=str(run_dir))
+    elif name == "mlflow":
+        tracker = tracking.MLflowTracker(experiment_name=PROJECT, run_name=run_dir.name)
+    else:
+        raise ValueError(f"unknown tracker {name!r}; choose from {', '.join(TRACKERS)}")
+    # the caller is the main process: no PartialState().on_main_process (see _accelerate_logging)
+    tracker.main_process_only = False
+    with _accelerate_logging():
+        tracker.start()
+        if config and name != "tensorboard":
+            tracker.store_init_configuration(_flat(config))
+    return tracker
+
+
 class MetricsLogger:
-    """Appends one JSON line per step to ``RUN_DIR/metrics.jsonl`` and mirrors it to TensorBoard.
+    """Appends one JSON line per step to ``RUN_DIR/metrics.jsonl`` and sends the finite values to the
+    trackers ``report_to`` (:func:`trackers`; the module docstring says where each writes).
 
     ``purge_step``: on resume, TensorBoard drops events at and after this step (written by the
-    interrupted run past its last checkpoint).
+    interrupted run past its last checkpoint). ``config``: the resolved configuration, nested by section
+    (wandb's and mlflow's run parameters). Only the main process creates one.
     """
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, purge_step: int | None = None):
+    def __init__(self, run_dir: str | Path, *, report_to: Sequence[str] = ("tensorboard",),
+                 purge_step: int | None = None, config: dict[str, Any] | None = None):  # fmt: skip
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except Exception:  # tensorboard not installed: the JSON log is enough
-                self.writer = None
-            else:
-                self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step)
+        self.trackers: list = []
+        try:
+            for name in report_to:
+                self.trackers.append(_start_tracker(name, self.run_dir, purge_step, config))
+        except BaseException:
+            self.close()
+            raise
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, float | None]:
-        """Write one step; values become floats (non-finite ones ``null``). Returns the written record."""
+        """Write one step; values become floats (non-finite ones ``null``); the trackers get the non-null
+        ones. Returns the written record."""
         record = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
-        if self.writer is not None:
-            for k, v in record.items():
-                if k != "step" and v is not None:
-                    self.writer.add_scalar(k, v, step)
+        values = {k: v for k, v in record.items() if k != "step" and v is not None}
+        if self.trackers and values:
+            with _accelerate_logging():
+                for tracker in self.trackers:
+                    tracker.log(values, step=int(step))
         return record
 
     def close(self) -> None:
+        """Finish every tracker (TensorBoard: flush and close its event file) and close the JSON log; the
+        first tracker error is raised after all of them were tried."""
+        started, self.trackers = self.trackers, []
+        error = None
+        with _accelerate_logging() if started else contextlib.nullcontext():
+            for tracker in started:
+                try:
+                    tracker.finish()
+                except Exception as err:  # the others and the JSON log are still closed
+                    error = error or err
         self._file.close()
-        if self.writer is not None:
-            self.writer.close()
+        if error is not None:
+            raise error
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

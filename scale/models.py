@@ -19,8 +19,8 @@ a local directory
     ``./tiny``.
 
 The hub is never contacted: every ``from_pretrained`` call reads a local path with
-``local_files_only=True``. ``HF_HUB_OFFLINE=1`` is also set (unless already set) before this module
-imports transformers. This module imports torch and transformers only inside its functions, so
+``local_files_only=True``; the process environment is left as it is (no ``HF_HUB_OFFLINE`` is set
+for the caller's other libraries). This module imports torch and transformers only inside its functions, so
 ``from scale.models import MODELS`` stays light and the CLI can print the registry in ``--help``.
 
 Returned objects: the model is in ``eval()`` mode (call ``.train()`` to train) on ``device``, in
@@ -176,11 +176,6 @@ def default_cache_dir() -> Path:
     return base / "models"
 
 
-def _hf_offline() -> None:
-    """Keep huggingface_hub offline, then import transformers (reads the variable at import time)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
 # --------------------------------------------------------------------------------------------------
 # tiny
 # --------------------------------------------------------------------------------------------------
@@ -223,7 +218,6 @@ def build_tiny(*, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     The weights are initialised by transformers' default init under ``torch.manual_seed(seed)`` inside
     :func:`torch.random.fork_rng`, so the global torch RNG state is left untouched.
     """
-    _hf_offline()
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -281,7 +275,6 @@ def _convert_smollm2(dest: Path) -> None:
     (``model.dequantize()`` is not implemented for GGUF). The GGUF tokenizer has no length limit
     (``model_max_length`` ~1e30), so it is set to the model's context, 8192.
     """
-    _hf_offline()
     for module, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
         if importlib.util.find_spec(module) is None:
             raise ImportError(f"converting the SmolLM2 GGUF needs {pip_name!r}: pip install {pip_name}")
@@ -391,7 +384,6 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    _hf_offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)

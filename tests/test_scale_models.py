@@ -180,6 +180,24 @@ def test_local_dir_round_trip(tmp_path):
             assert torch.equal(model(ids).logits, m2(ids).logits)
 
 
+def test_loading_leaves_the_process_environment_alone(tmp_path):
+    """A library call changes no environment variable (it used to set ``HF_HUB_OFFLINE=1`` for the whole
+    process); loading a local directory still never reaches the hub (``local_files_only``)."""
+    import subprocess
+    import sys
+
+    model, tok = sm.load_model("tiny", seed=7)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    code = ("import os; before = dict(os.environ); from scale.models import load_model; "
+            f"load_model('tiny'); load_model({str(tmp_path)!r}); "
+            "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}; "
+            "assert not changed, changed")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB_")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_local_dir_without_pad_token_gets_eos(tmp_path):
     model, tok = sm.load_model("tiny")
     model.config.pad_token_id = None

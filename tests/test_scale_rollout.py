@@ -134,3 +134,24 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny64, share_prefix)
     for n in res[0][1]:  # the replayed layers compute the same numbers in the same order
         torch.testing.assert_close(res[1][1][n], res[0][1][n], rtol=1e-12, atol=1e-14)
     assert "forward" not in vars(decoder_and_head(model)[0].layers[0])  # checkpointed_layers restored it
+
+
+def test_rollout_and_scoring_use_no_deprecated_transformers_api(tiny64, caplog):
+    """Sampling and every scoring path (shared prefix, checkpointed, plain) on the current cache API:
+    no FutureWarning or DeprecationWarning (transformers 5.25 deprecates ``past_key_values`` for
+    ``cache``, removed in 5.40) and no deprecation message on transformers' logger."""
+    import logging
+    import warnings
+
+    model, tok = tiny64
+    torch.manual_seed(4)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        ro = sample(model, tok, PROMPTS, group_size=3, max_new_tokens=4)
+        for share, ckpt in ((True, False), (True, True), (False, False)):
+            st = score(model, ro, entropy_grad=True, share_prefix=share, checkpoint=ckpt)
+            st.logp.sum().backward()
+    model.zero_grad(set_to_none=True)
+    bad = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not bad, [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in bad]
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()], caplog.text

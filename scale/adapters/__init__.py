@@ -10,3 +10,7 @@
 
 Importing this package imports nothing heavy (no torch, trl or verl); import the submodules explicitly.
 """
+
+from scale._name_guard import check_scale_name
+
+check_scale_name()

@@ -78,14 +78,17 @@ What the subclass changes
    ``s_star/mean``, ``s_star/std``, ``baseline/mean``,
    ``deviation/mean`` (``S* − E_p[S]``; Cor 3.4: ≈ 0 on-policy), ``theory/cor35_ratio``,
    ``quad/<q>_frac`` (sign(``A_eff``) x sign(``S* − E_p[S]``)), ``loss/kept_frac`` (kept / valid tokens),
-   ``rule/<name>`` (the rule's metrics), and the tabular prediction ``diag/dH_tabular`` (with its
-   quadrant parts ``diag/dH_tabular/<q>``): the token mean of the (E6) term ``−α_t (S*_t − E_p[S]_t)``
+   ``rule/<name>`` (the rule's metrics), and the tabular prediction ``theory/dH_tabular`` (with its
+   quadrant parts ``theory/dH_tabular/<q>``): the token mean of the (E6) term ``−α_t (S*_t − E_p[S]_t)``
    with ``α_t = lr · w_t A_eff,t r_t / n_t`` (0 when the ratio is clipped), ``n_t`` the token's share of
    the loss normaliser above (per optimizer step) and ``lr`` the optimizer's current rate -- the
    entropy change a plain SGD step on one free logit vector per state would produce (gradient clipping
    and Adam's rescaling are not in it, so with a real network it predicts the direction and the
    relative size, not the magnitude). TRL's own keys (``entropy``, ``clip_ratio/*``, ``kl``) are logged
-   from the loss forward with TRL's definitions.
+   from the loss forward with TRL's definitions. A non-finite value is left out of its window (TRL
+   would log a key whose values are all NaN as None). Where they go is TRL's ``report_to``
+   (``TrainingArguments``), whose tracker names (``tensorboard``, ``wandb``, ``mlflow``, ``none``) are
+   those of the trainer's ``--report-to``.
 
 Cost: the statistics pass is one extra no-grad forward of the policy per pass over a generation batch
 (TRL itself adds one only when it needs ``old_per_token_logps``). ``diagnostics=False`` and
@@ -437,8 +440,8 @@ class EntropyRuleGRPOTrainer(GRPOTrainer):
             alpha = self._token_alpha(batch, out, keep, n_kept, micro, mode)
             dev = torch.where(valid, S - batch.baseline, 0.0)
             dh, parts = tabular_entropy_change(alpha, dev, A_eff, valid)
-            m["diag/dH_tabular"] = dh
-            m.update({f"diag/dH_tabular/{name}": v for name, v in parts.items()})
+            m["theory/dH_tabular"] = dh  # the trainer's keys (scale.metrics_log, "Logged metrics")
+            m.update({f"theory/dH_tabular/{name}": v for name, v in parts.items()})
             m["loss/kept_frac"] = n_kept / valid.sum().to(torch.float32).clamp_min(1.0)
         if out is not None:
             for k, v in out.metrics.items():
@@ -447,7 +450,8 @@ class EntropyRuleGRPOTrainer(GRPOTrainer):
             return
         values = torch.stack([v.detach().to(torch.float64).reshape(()) for v in m.values()]).tolist()
         for k, v in zip(m, values, strict=True):
-            self._metrics[mode][k].append(v)
+            if math.isfinite(v):  # TRL logs an all-NaN key as None; a missing value is simply not logged
+                self._metrics[mode][k].append(v)
 
     # ------------------------------------------------------------------------------------------------
     # the loss
@@ -538,7 +542,8 @@ class EntropyRuleGRPOTrainer(GRPOTrainer):
         vals["clip_ratio/high_max"] = torch.nan_to_num(high_seq, nan=-math.inf).max()
         floats = torch.stack([v.to(torch.float64).reshape(()) for v in vals.values()]).tolist()
         for k, v in zip(vals, floats, strict=True):
-            self._metrics[mode][k].append(v if math.isfinite(v) else float("nan"))
+            if math.isfinite(v):  # (a NaN-only key would reach report_to as None)
+                self._metrics[mode][k].append(v)
 
 
 # the launcher (``python -m scale.adapters.trl``) lives in trl_cli; its names are importable from here

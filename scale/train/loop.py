@@ -22,7 +22,7 @@ from theory.rules import RuleOutput, TokenBatch
 from ..config import ConfigError, TrainConfig
 from ..distributed import barrier, check_replicated, full_model_state, full_optimizer_state, gathered
 from ..grading import evaluate_samples
-from ..metrics_log import MetricsLogger, write_samples
+from ..metrics_log import MetricsLogger, trackers, write_samples
 from ..rollout import Rollout, sample
 from ..tasks import format_prompt
 from ..token_stats import TokenStats
@@ -40,7 +40,7 @@ from .runtime import (
 from .setup import Run, build_run, checkpoint, restore_replaced, resume
 from .update import ppo_update
 
-__all__ = ["StepBatch", "main", "run_cli", "train", "train_step"]
+__all__ = ["StepBatch", "compute_step", "main", "run_cli", "train", "train_step"]
 
 
 @dataclass
@@ -228,6 +228,13 @@ def log_and_save(run: Run, b: StepBatch, floats: dict[str, Any], logger: Metrics
 
 def train_step(run: Run, logger: MetricsLogger | None) -> dict[str, Any]:
     """One GRPO step (phases 1-10 of :mod:`scale.train`); returns the logged record."""
+    b, floats = compute_step(run)  # 1-9
+    return log_and_save(run, b, floats, logger)  # 10
+
+
+def compute_step(run: Run) -> tuple[StepBatch, dict[str, Any]]:
+    """Phases 1-9 of one GRPO step: the update is applied, nothing is written (the experiments of
+    :mod:`scale.llm` call this directly); returns the step's batch and its metrics as python floats."""
     cfg, device = run.cfg, run.device
     run.state.step += 1
     t_start = time.perf_counter()
@@ -253,7 +260,7 @@ def train_step(run: Run, logger: MetricsLogger | None) -> dict[str, Any]:
     floats.update(evaluate(run))  # 9
     b.times["end"] = time.perf_counter()
     _timings(b, floats, probe, device)
-    return log_and_save(run, b, floats, logger)  # 10
+    return b, floats
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,11 +284,13 @@ def train(cfg: TrainConfig, *, reward_fn: Callable[[str, Any], float] | None = N
         if run.cfg.run.resume:
             resume(run)
         if run.dd.is_main and run.state.step < last:  # rank 0 writes the run directory (nothing if done)
-            from ..flags import save_config
+            from ..flags import config_to_dict, save_config
 
             save_config(run.saved_cfg, run.run_dir)
             purge = run.state.step + 1 if run.state.step else None
-            logger = MetricsLogger(run.run_dir, tensorboard=run.cfg.run.tensorboard, purge_step=purge)
+            report_to = trackers(run.cfg.run.report_to, run.cfg.run.tensorboard)
+            logger = MetricsLogger(run.run_dir, report_to=report_to, purge_step=purge,
+                                   config=config_to_dict(run.saved_cfg))  # fmt: skip
         progress = Progress(run)
         while run.state.step < last:
             record = train_step(run, logger)

@@ -367,12 +367,14 @@ def resume(run: Run) -> None:
 
 
 def checkpoint(run: Run, full_states: dict) -> None:
-    """Write the step's checkpoint (rank 0): model, optimizer, schedule, RNGs and the :class:`RunState`."""
+    """Write the step's checkpoint (rank 0): model, optimizer, schedule, RNGs and the :class:`RunState`,
+    with the model's config and the tokenizer, so that the checkpoint is also a Hugging Face model
+    directory (``from_pretrained`` loads it; :mod:`scale.checkpoint`)."""
     s = run.state
     rng_json, rng_tensors = capture_rng()
     save_checkpoint(
         run.run_dir, s.step, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
-        keep=run.cfg.run.keep_checkpoints,
+        keep=run.cfg.run.keep_checkpoints, tokenizer=run.tok,
         trainer_state={
             "data": {"epoch": s.data_epoch, "pos": s.data_pos},
             "reward_errors_total": s.reward_errors_total,
