@@ -7,6 +7,8 @@ Usage::
     entdyn toy NAME [NAME ...] [--out DIR] [--quick] [--seed S] [--runs R] [--steps N]
     entdyn plot RUN_DIR [--out DIR]
     entdyn train [--model tiny] [--task SPEC] [--rule SPEC] [--steps N] [--out DIR] [--resume DIR] ...
+    entdyn export RUN_DIR OUT [--step N] [--overwrite]
+    entdyn llm NAME [NAME ...] [--model smollm2-135m] [--quick] [--out DIR] [--seeds S] [--steps N] ...
     python -m entdyn demo ...
 
 Subcommands:
@@ -35,7 +37,19 @@ Subcommands:
     entropy change per update, quadrant shares, samples with per-token entropy and ``S*``; checkpoints
     and exact ``--resume``. ``entdyn train --help`` lists every flag (one per field of
     :mod:`scale.config`, :mod:`scale.flags`); the same as ``python -m scale.train``. Running it imports
-    torch (only this subcommand does; its ``--help`` does not).
+    torch (only this subcommand and ``export`` do; their ``--help`` does not).
+
+``export``
+    A Hugging Face model directory from a ``train`` run (:mod:`scale.export`): ``config.json``,
+    ``generation_config.json``, ``model.safetensors`` and the tokenizer's files of the newest intact
+    checkpoint (a damaged one is skipped with a message) or of ``--step N``, without the optimizer state;
+    ``AutoModelForCausalLM.from_pretrained(OUT)`` loads it. A bad ``RUN_DIR``, ``OUT`` or step exits 2
+    with one line. Like ``train``, running it imports torch.
+
+``llm``
+    Paper 1's checks on a real model through the trainer (:mod:`scale.llm`): ``quadrants``,
+    ``first-order``, ``attribution``, ``rules``; ``all`` runs every one and ``list`` lists them. The
+    same files as ``toy``; results on SmolLM2 in ``docs/llm.md``. Running it imports torch.
 
 ``plot``
     Figures from a run directory of ``train`` (:mod:`scale.plot`): reward, entropy by polarity, the
@@ -44,8 +58,8 @@ Subcommands:
 
 The CLI sits above the packages: it is the one place that imports both :mod:`toy` and :mod:`scale`
 (``toy -> theory <- scale``, ``entdyn -> all three``). Each subcommand imports its implementation lazily
-inside its handler, so ``import entdyn.cli`` stays light and never imports torch; only running ``train``
-does.
+inside its handler, so ``import entdyn.cli`` stays light and never imports torch; only running ``train`` or
+``export`` does.
 """
 
 from __future__ import annotations
@@ -87,6 +101,41 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k == "config" or "." in k}  # the flags typed
     return run_cli(lambda: resolve(overrides))
+
+
+def _cmd_llm(args: argparse.Namespace) -> int:
+    from scale.llm import EXPERIMENTS, Options  # light: torch is imported when an experiment runs
+    from scale.llm import main as llm_main
+
+    if args.names == ["list"]:
+        for name, fn in EXPERIMENTS.items():
+            print(f"{name:12s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    opts = Options(model=args.model, quick=args.quick, seeds=args.seeds, steps=args.steps, lr=args.lr,
+                   device=args.device, threads=args.threads, seed=args.seed, progress=not args.no_progress,
+                   reward=args.reward, **({"task": args.task} if args.task else {}))  # fmt: skip
+    several = len(args.names) > 1 or args.names == ["all"]
+    out = args.out or ("runs/llm" if several else f"runs/llm/{args.names[0]}")
+    try:
+        return llm_main(args.names, out, opts)
+    except ValueError as err:  # a bad name or size, or the trainer's ConfigError
+        print(f"entdyn llm: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from scale.export import ExportError, export  # lazy: imports torch (and transformers for old checkpoints)
+
+    def say(message: str) -> None:
+        print(f"entdyn export: {message}", file=sys.stderr, flush=True)
+
+    try:
+        out, src = export(args.run_dir, args.out, step=args.step, overwrite=args.overwrite, report=say)
+    except ExportError as err:
+        say(str(err))
+        return 2
+    print(f"exported {src} to {out} (load it with AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
 
 
 def _format_default(value) -> str:
@@ -230,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(train)  # one flag per scale.config field (torch-free)
     train.set_defaults(handler=_cmd_train)
 
+    _add_export(sub)
+
+    _add_llm(sub)
+
     plot = sub.add_parser(
         "plot",
         help="figures and a token-level view (HTML + PNG) from a training run directory",
@@ -245,10 +298,71 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_export(sub) -> None:
+    """The ``export`` sub-parser."""
+    export = sub.add_parser(
+        "export",
+        help="a Hugging Face model directory (config, safetensors, tokenizer) from a run's checkpoint",
+        description=(
+            "Write the model files of RUN_DIR's newest intact checkpoint (or of --step N) into OUT: "
+            "config.json, generation_config.json, model.safetensors and the tokenizer's files, without "
+            "the optimizer state. AutoModelForCausalLM.from_pretrained(OUT) and "
+            "AutoTokenizer.from_pretrained(OUT) load it."
+        ),
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of entdyn train")
+    export.add_argument("out", metavar="OUT", help="the directory to write (must not exist or be empty)")
+    export.add_argument("--step", type=_non_negative_int, default=None, metavar="N",
+                        help="export this step's checkpoint (default: the newest intact one)")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
+    export.set_defaults(handler=_cmd_export)
+
+
+def _add_llm(sub) -> None:
+    """The ``llm`` sub-parser."""
+    llm = sub.add_parser(
+        "llm",
+        help="paper 1's checks on a real model through the trainer (quadrants, first-order, ...)",
+        description=(
+            "Run named real-model experiments through the GRPO trainer: quadrants, first-order, "
+            "attribution, rules; 'all' runs every one (into DIR/<name>), 'list' lists them. Each writes "
+            "summary.json, curves.json, PNG figures and table.md into DIR (scale/llm.py, docs/llm.md)."
+        ),
+    )
+    llm.add_argument("names", nargs="+", metavar="NAME", help="experiment name(s), 'all' or 'list'")
+    llm.add_argument("--model", default="smollm2-135m",
+                     help="smollm2-135m (default), tiny (a random model, for tests) or a local HF directory")
+    llm.add_argument("--out", default=None, metavar="DIR",
+                     help="output directory (default: runs/llm/<name>, or runs/llm for several)")
+    llm.add_argument("--quick", action="store_true", help="small sizes (seconds with --model tiny)")
+    llm.add_argument("--seeds", type=int, default=None, help="seeds (batches) per configuration (override)")
+    llm.add_argument("--steps", type=int, default=None, help="training steps (override)")
+    llm.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-5)")
+    llm.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
+    llm.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    llm.add_argument("--threads", type=int, default=None, help="torch threads")
+    llm.add_argument("--task", default=None, help="task spec (default: scale.llm.TASK, one-digit additions)")
+    llm.add_argument("--reward", default="auto", choices=("auto", "task", "digits"),
+                     help="task: the task's correctness; digits: share of digits in the completion (any "
+                          "model gets a spread); auto (default): digits for tiny, else task")  # fmt: skip
+    llm.add_argument("--no-progress", action="store_true", help="no progress lines")
+    llm.set_defaults(handler=_cmd_llm)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a step number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a step number (0 or more), got {text!r}")
     return value
 
 

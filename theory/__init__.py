@@ -10,6 +10,7 @@ This package imports only ``array_api_compat`` (never torch).
 
 from . import diagnostics, rules, spec  # noqa: F401  (batch statistics, the rule interface, spec parser)
 from .discriminator import (
+    QUADRANT_DH_SIGN,
     QUADRANTS,
     deviation,
     discriminator,
@@ -35,6 +36,7 @@ from .metrics import pass_at_k
 
 __all__ = [
     "ADVANTAGE_PRESETS",
+    "QUADRANT_DH_SIGN",
     "QUADRANTS",
     "deviation",
     "discriminator",

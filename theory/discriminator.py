@@ -32,11 +32,17 @@ __all__ = [
     "quadrant",
     "entropy_change_sign",
     "QUADRANTS",
+    "QUADRANT_DH_SIGN",
 ]
 
 #: Names of the codes returned by :func:`quadrant`, in code order 0..3 (§4.2 quadrant table).
 #: ``pos``/``neg`` is the sign of the advantage, ``high``/``low`` the sign of ``S* - E_p[S]``.
 QUADRANTS = ("pos_high", "pos_low", "neg_high", "neg_low")
+
+#: The sign of the first-order entropy change (E6) that the tokens of each quadrant produce when they
+#: alone drive an update, ``-sign(A) * sign(S* - E_p[S])`` (Theorem 3.3, the §4.2 quadrant table):
+#: reinforcing a sampled token that is likelier than average lowers the entropy, and so on.
+QUADRANT_DH_SIGN = {"pos_high": -1, "pos_low": 1, "neg_high": 1, "neg_low": -1}
 
 
 def _stats(logits: Array):

@@ -38,7 +38,6 @@ Experiments (:data:`EXPERIMENTS`):
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -48,17 +47,19 @@ import numpy as np
 
 import theory
 from theory.diagnostics import cor35_ratio
+from theory.discriminator import QUADRANT_DH_SIGN
+from theory.reporting import write_report
 from theory.rules import StageDetector, make_rule
 
 from .bandit import Bandit
 from .grpo import GRPOConfig, init_state, step
 from .plotting import band, pyplot, save_figure
-from .report import compare_outcomes, final, format_table, jsonable, loglog_slope, pm, r2
+from .report import compare_outcomes, final, format_table, loglog_slope, pm, r2
 from .run import History, mean_ci, train
 
 __all__ = ["EXPERIMENTS", "ExperimentResult", "run_experiment", "format_table", "main"]
 
-PREDICTED_SIGN = {"pos_high": -1, "pos_low": 1, "neg_high": 1, "neg_low": -1}  # docs/equations.md §4 table
+PREDICTED_SIGN = QUADRANT_DH_SIGN  # the quadrant table (docs/equations.md §4)
 
 
 @dataclass
@@ -496,10 +497,7 @@ def run_experiment(name: str, out: str | Path, *, quick: bool = False, seed: int
     wall = time.perf_counter() - t0
     res.summary = {"experiment": name, "quick": quick, "seed": seed, "wall_s": round(wall, 2),
                    "figures": res.figures, **res.summary}
-    (out / "summary.json").write_text(json.dumps(jsonable(res.summary), indent=2) + "\n")
-    (out / "curves.json").write_text(json.dumps(jsonable(res.curves)) + "\n")
-    table = format_table(res.table)
-    (out / "table.md").write_text(f"## toy experiment `{name}`\n\n{table}\n")
+    table = write_report(out, f"toy experiment `{name}`", res.summary, res.curves, res.table)
     if echo:
         print(f"\n== {name} ({'quick, ' if quick else ''}seed {seed}, {wall:.1f} s) ==")
         print(table)

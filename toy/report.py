@@ -1,5 +1,6 @@
 """Reporting helpers of the toy experiments (:mod:`toy.experiments`) and the demo (:mod:`toy.demo`):
-fit statistics, the mean ± CI cells of the comparison tables, markdown tables and strict JSON.
+the mean ± CI cells of the comparison tables. The generic pieces (fit statistics, markdown tables, strict
+JSON) live in :mod:`theory.reporting`, shared with the real-model experiments, and are re-exported here.
 
 No plotting (:mod:`toy.plotting`) and no state.
 """
@@ -8,29 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
+from theory.reporting import format_table, jsonable, loglog_slope, pm, r2
 
 from .run import History, mean_ci
 
 __all__ = ["r2", "loglog_slope", "pm", "final", "outcome", "outcome_header", "outcome_cells",
            "compare_outcomes", "format_table", "jsonable"]
-
-
-def r2(target: np.ndarray, pred: np.ndarray) -> float:
-    """Coefficient of determination of ``pred`` for ``target`` (flattened); NaN for a constant target."""
-    target, pred = np.ravel(target), np.ravel(pred)
-    ss = np.sum((target - target.mean()) ** 2)
-    return float(1.0 - np.sum((target - pred) ** 2) / ss) if ss > 0 else float("nan")
-
-
-def loglog_slope(x: np.ndarray, y: np.ndarray) -> float:
-    """Least-squares slope of ``log y`` on ``log x``."""
-    return float(np.polyfit(np.log(x), np.log(y), 1)[0])
-
-
-def pm(m: float, h: float, spec: str = ".3f") -> str:
-    """``"m ± h"``, both in ``spec`` (a sign flag applies to ``m`` only)."""
-    return f"{m:{spec}} ± {h:{spec.lstrip('+')}}"
 
 
 def final(h: History, key: str, last: int = 10) -> tuple[float, float]:
@@ -72,25 +56,3 @@ def compare_outcomes(hist: dict[str, History], G: int, first: str, extra_column:
     return results, table
 
 
-def format_table(rows: list[list[str]]) -> str:
-    """A GitHub-markdown table (also readable in a terminal)."""
-    if not rows:
-        return ""
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
-    return "\n".join([line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                     + [line(r) for r in rows[1:]])
-
-
-def jsonable(obj):
-    """``obj`` as strict JSON data: NumPy scalars as Python numbers, non-finite floats (NaN, inf) as
-    ``None`` (JSON has no NaN; a missing value is null), keys as strings."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj

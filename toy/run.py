@@ -14,38 +14,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from theory.reporting import mean_ci, t_quantile_975
 from theory.rules import StageDetector
 
 from .bandit import Bandit
 from .grpo import GRPOConfig, init_state, is_diagnostic, step
 from .progress import Progress
 
-__all__ = ["History", "train", "mean_ci", "t_quantile_975"]
-
-# two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30 (then the normal 1.96 is within 2%)
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-         2.052, 2.048, 2.045, 2.042)
-
-
-def t_quantile_975(df: int) -> float:
-    """``t_{0.975}`` with ``df`` degrees of freedom (table to 30, then 1.96 + 2.4/df)."""
-    if df < 1:
-        raise ValueError(f"df must be >= 1, got {df!r}")
-    return _T975[df - 1] if df <= 30 else 1.96 + 2.4 / df
-
-
-def mean_ci(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over ``axis`` (the seeds) and the half-width of its 95% Student-t confidence interval.
-
-    With one seed the half-width is 0 (no interval can be estimated; reported as such).
-    """
-    x = np.asarray(x, dtype=np.float64)
-    n = x.shape[axis]
-    m = x.mean(axis=axis)
-    if n < 2:
-        return m, np.zeros_like(m)
-    return m, t_quantile_975(n - 1) * x.std(axis=axis, ddof=1) / np.sqrt(n)
+__all__ = ["History", "train", "mean_ci", "t_quantile_975"]  # (the last two from theory.reporting)
 
 
 @dataclass
