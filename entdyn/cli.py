@@ -68,7 +68,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from scale.flags import TRAIN_DESCRIPTION, add_train_arguments  # torch-free: dataclasses and argparse
+from theory._name_guard import foreign_scale
 
 __all__ = ["build_parser", "format_rules", "main"]
 
@@ -79,14 +79,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args.out, seed=args.seed, n=args.n, quick=args.quick)
 
 
+def _list(experiments: dict) -> int:
+    """Print each experiment's name and the first line of its docstring (``entdyn toy|llm list``)."""
+    for name, fn in experiments.items():
+        print(f"{name:12s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+    return 0
+
+
 def _cmd_toy(args: argparse.Namespace) -> int:
     from toy.experiments import EXPERIMENTS  # lazy: NumPy + matplotlib only
     from toy.experiments import main as toy_main
 
     if args.names == ["list"]:
-        for name, fn in EXPERIMENTS.items():
-            print(f"{name:12s} {(fn.__doc__ or '').strip().splitlines()[0]}")
-        return 0
+        return _list(EXPERIMENTS)
     try:
         return toy_main(args.names, args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress,
                         runs=args.runs, steps=args.steps)
@@ -108,9 +113,7 @@ def _cmd_llm(args: argparse.Namespace) -> int:
     from scale.llm import main as llm_main
 
     if args.names == ["list"]:
-        for name, fn in EXPERIMENTS.items():
-            print(f"{name:12s} {(fn.__doc__ or '').strip().splitlines()[0]}")
-        return 0
+        return _list(EXPERIMENTS)
     opts = Options(model=args.model, quick=args.quick, seeds=args.seeds, steps=args.steps, lr=args.lr,
                    device=args.device, threads=args.threads, seed=args.seed, progress=not args.no_progress,
                    reward=args.reward, **({"task": args.task} if args.task else {}))  # fmt: skip
@@ -208,6 +211,8 @@ def _cmd_rules(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``entdyn`` argument parser (one sub-parser per subcommand)."""
+    from scale import flags  # torch-free: dataclasses and argparse (after main's check of the name)
+
     parser = argparse.ArgumentParser(
         prog="entdyn",
         description="Entropy dynamics in RL fine-tuning of LLMs (arXiv 2602.03392): theory checks and tools.",
@@ -273,10 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="GRPO training with entropy-dynamics diagnostics (entdyn train --help for the flags)",
-        description=TRAIN_DESCRIPTION,
+        description=flags.TRAIN_DESCRIPTION,
         argument_default=argparse.SUPPRESS,  # only the flags typed override the config file / saved run
     )
-    add_train_arguments(train)  # one flag per scale.config field (torch-free)
+    flags.add_train_arguments(train)  # one flag per scale.config field (torch-free)
     train.set_defaults(handler=_cmd_train)
 
     _add_export(sub)
@@ -368,6 +373,10 @@ def _non_negative_int(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``entdyn`` console script; returns the process exit status."""
+    problem = foreign_scale()  # before anything from scale is imported: its __init__ may not be ours
+    if problem is not None:
+        print(f"entdyn: error: {problem}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "n", None) is not None and args.n < 1:

@@ -12,6 +12,6 @@ Importing the package pulls in nothing: torch and transformers are imported by t
 them (``scale.config`` and ``scale.flags`` never do).
 """
 
-from scale._name_guard import check_scale_name
+from theory._name_guard import check_scale_name
 
 check_scale_name()

@@ -58,6 +58,9 @@ def test_a_foreign_scale_distribution_is_named_at_import(tmp_path):
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("ImportError: another distribution named 'scale' (version 1.1.2)"), last
         assert "virtual environment of its own" in last
+    cli = subprocess.run([sys.executable, "-m", "entdyn", "rules"], capture_output=True, text=True, env=env)
+    assert cli.returncode == 2 and cli.stderr.count("\n") == 1, cli.stderr  # one line, checked before scale
+    assert cli.stderr.startswith("entdyn: error: another distribution named 'scale'"), cli.stderr
     clean = subprocess.run([sys.executable, "-c", "import scale, scale.adapters"], capture_output=True,
                            text=True)  # fmt: skip
     assert clean.returncode == 0, clean.stderr

@@ -11,6 +11,6 @@
 Importing this package imports nothing heavy (no torch, trl or verl); import the submodules explicitly.
 """
 
-from scale._name_guard import check_scale_name
+from theory._name_guard import check_scale_name
 
 check_scale_name()

@@ -6,8 +6,11 @@ PyPI has a distribution named ``scale`` that ships its own ``scale/__init__.py``
 ``scale.adapters.trl`` then fail in confusing ways, and ``pip uninstall scale`` deletes this project's
 files of the same names. :func:`check_scale_name` turns that state into one clear ``ImportError``.
 
-The check is one metadata lookup by name (well under a millisecond), run when :mod:`scale` and
-:mod:`scale.adapters` are imported (the adapters package too, in case the other ``__init__.py`` won).
+The check is one metadata lookup by name (well under a millisecond). It lives outside ``scale`` (in
+:mod:`theory`, which every package imports and no other distribution shadows) so that it still runs when
+the other distribution's ``scale/__init__.py`` has replaced ours: the ``entdyn`` command checks before it
+imports anything from ``scale`` (one line, exit 2), and :mod:`scale` and :mod:`scale.adapters` check at
+import (an ``ImportError`` with the same message).
 """
 
 from __future__ import annotations
@@ -23,13 +26,18 @@ FIX = (
 )
 
 
-def check_scale_name() -> None:
-    """Raise ``ImportError`` if a distribution named ``scale`` is installed beside this project."""
+def foreign_scale() -> str | None:
+    """The problem (one line) if a distribution named ``scale`` is beside this project, else None."""
     try:
         other = metadata.distribution(FOREIGN)
     except metadata.PackageNotFoundError:
-        return
-    raise ImportError(
-        f"another distribution named {FOREIGN!r} (version {other.version}) is installed in this environment "
-        f"and owns the same top-level package `scale` as entropy-dynamics; {FIX}"
-    )
+        return None
+    return (f"another distribution named {FOREIGN!r} (version {other.version}) is installed in this "
+            f"environment and owns the top-level package `scale` of entropy-dynamics; {FIX}")  # fmt: skip
+
+
+def check_scale_name() -> None:
+    """Raise ``ImportError`` (:func:`foreign_scale`'s message) if the other ``scale`` is installed."""
+    problem = foreign_scale()
+    if problem is not None:
+        raise ImportError(problem)
