@@ -144,7 +144,8 @@ def one_update(cfg, reward_fn=None) -> dict[str, Any]:
     keep = mask if b.rule_out is None else (b.rule_out.keep & mask)
     digest = hashlib.sha256(b.ro.response.cpu().numpy().tobytes()).hexdigest()[:16]
     floats.update(batch=digest, kept=int(keep.sum()), tokens=int(mask.sum()),
-                  kept_adv_nonzero=int((keep & (b.adv_eff != 0)).sum()), wall_s=time.perf_counter() - t0)
+                  kept_adv_nonzero=int((keep & (b.adv_eff != 0)).sum()),
+                  adv_nonzero=int((mask & (b.adv != 0)).sum()), wall_s=time.perf_counter() - t0)
     del run, b
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return floats
@@ -165,30 +166,49 @@ ROW_KEYS = ("theory/dH_measured", "theory/dH_jvp", "theory/dH_tabular", "kept", 
             "wall_s")  # fmt: skip
 
 
+def _seeds(opts: Options, n: int, skipped: list[int]):
+    """Seeds from ``opts.seed`` on until ``n`` of them carried a learning signal (at most ``3 n`` tried).
+    The caller appends to ``skipped`` each seed whose batch had none: every group got one reward, so
+    every advantage is 0 and no update can move anything."""
+    seed = opts.seed
+    while seed < opts.seed + 3 * n and (seed - opts.seed) - len(skipped) < n:
+        yield seed
+        seed += 1
+
+
 def quadrants(opts: Options, out: Path) -> Result:
     """One update per quadrant and score from the model as loaded, on each seed's batch."""
     seeds, _ = _size(opts, (2, 1), (3, 1))
     rows: list[dict[str, Any]] = []
-    for s in range(seeds):
-        seed = opts.seed + s
-        first = None  # the digest of the seed's batch: every update must see the same one
+    skipped: list[int] = []
+    for seed in _seeds(opts, seeds, skipped):
+        first = None  # the seed's first update: its batch digest, its advantages
         for by in ("deviation", "s_star"):
             for q in QUADRANTS:
                 rule = f"quadrant_mask:keep={q},by={by}"
                 m = one_update(_config(opts, out / "scratch", seed=seed, rule=rule), opts.reward_fn())
-                first = first or m["batch"]
-                rows.append({"seed": seed, "quadrant": q, "by": by, "same_batch": m["batch"] == first,
+                if first is None:
+                    first = m
+                    if m["adv_nonzero"] == 0:
+                        break
+                same = m["batch"] == first["batch"]
+                rows.append({"seed": seed, "quadrant": q, "by": by, "same_batch": same,
                              **{k: m.get(k) for k in ROW_KEYS}})  # fmt: skip
                 theory_sign = "+" if QUADRANT_DH_SIGN[q] > 0 else "-"
                 _say(opts, f"llm quadrants: seed {seed} keep {q} by {by}: kept {m['kept']}/{m['tokens']}, "
                            f"dH {m['theory/dH_measured']:+.3e} (theory {theory_sign}), "
                            f"JVP {m['theory/dH_jvp']:+.3e} ({m['wall_s']:.1f} s)")  # fmt: skip
-    return _quadrant_result(rows, seeds, out)
+            if first["adv_nonzero"] == 0:
+                break
+        if first["adv_nonzero"] == 0:
+            skipped.append(seed)
+    return _quadrant_result(rows, seeds, skipped, out)
 
 
-def _quadrant_result(rows: list[dict], seeds: int, out: Path) -> Result:
+def _quadrant_result(rows: list[dict], seeds: int, skipped: list[int], out: Path) -> Result:
     used = [r for r in rows if r["kept_adv_nonzero"] > 0]  # an empty quadrant makes no update
-    summary: dict[str, Any] = {"seeds": seeds, "updates": len(rows), "updates_with_tokens": len(used),
+    summary: dict[str, Any] = {"seeds": seeds, "seeds_skipped": skipped, "updates": len(rows),
+                               "updates_with_tokens": len(used),
                                "identical_batches": all(r["same_batch"] for r in rows)}  # fmt: skip
     table = [["kept quadrant", "by", "theory", "measured ΔH (mean ± 95% CI)", "sign agrees",
               "JVP / measured", "tabular sign = measured"]]  # fmt: skip
@@ -255,6 +275,13 @@ def _quadrant_figure(rows: list[dict], out: Path) -> str:
 # ---------------------------------------------------------------------------------------- first-order
 
 
+#: the learning rates of the sweep, as multiples of the run's lr (both ways: where the residual is second
+#: order depends on the model; AdamW's first step, about lr * sign(g) for every weight, is large)
+LR_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+#: residuals below this (nats) are float32 rounding of the re-scored entropies, not the second order
+RESIDUAL_FLOOR = 1e-6
+
+
 def first_order(opts: Options, out: Path) -> Result:
     """A run of diagnosed steps, then a learning-rate sweep of one update on one batch."""
     from .metrics_log import read_metrics
@@ -272,7 +299,7 @@ def first_order(opts: Options, out: Path) -> Result:
     tab = np.array([r["theory/dH_tabular"] for r in rows])
     base_lr = cfg.optim.lr
     sweep = []
-    for f in (1.0, 3.0, 10.0, 30.0):
+    for f in LR_FACTORS:
         cfg_f = _config(opts, out / "scratch", seed=opts.seed, optim={"lr": base_lr * f})
         m = one_update(cfg_f, opts.reward_fn())
         sweep.append({"lr": base_lr * f, "measured": m["theory/dH_measured"], "jvp": m["theory/dH_jvp"],
@@ -281,7 +308,7 @@ def first_order(opts: Options, out: Path) -> Result:
                    f"{m['theory/dH_jvp']:+.3e} ({m['wall_s']:.1f} s)")  # fmt: skip
     lrs = np.array([s["lr"] for s in sweep])
     res = np.array([s["residual"] for s in sweep])
-    ok = res > 0
+    ok = res > RESIDUAL_FLOOR
     slope_fit = float(np.dot(jvp, meas) / np.dot(meas, meas)) if np.dot(meas, meas) > 0 else float("nan")
     summary = {
         "steps": steps, "r2_jvp": rep.r2(meas, jvp), "slope_jvp_vs_measured": slope_fit,
@@ -290,13 +317,17 @@ def first_order(opts: Options, out: Path) -> Result:
         "jvp_over_measured": dict(zip(("median", "q25", "q75"),
                                       rep.median_iqr(jvp / np.where(meas == 0, np.nan, meas)), strict=True)),
         "residual_lr_slope": rep.loglog_slope(lrs[ok], res[ok]) if ok.sum() >= 2 else float("nan"),
+        "residual_local_slopes": [rep.loglog_slope(lrs[i : i + 2], res[i : i + 2]) if ok[i] and ok[i + 1]
+                                  else None for i in range(len(lrs) - 1)],  # fmt: skip
         "lr_sweep": sweep,
     }  # fmt: skip
     table = [["quantity", "value"], ["steps", str(steps)], ["R² (JVP vs measured)", _fmt(summary["r2_jvp"])],
              ["slope (JVP on measured, through 0)", _fmt(slope_fit)],
              ["JVP sign agreement", _fmt(summary["jvp_sign_agreement"])],
              ["tabular sign agreement", _fmt(summary["tabular_sign_agreement"])],
-             ["residual vs lr, log-log slope (≈ 2)", _fmt(summary["residual_lr_slope"])]]  # fmt: skip
+             ["residual vs lr, log-log slope (≈ 2)", _fmt(summary["residual_lr_slope"])],
+             ["local slopes, lr ascending",
+              " ".join(_fmt(x) for x in summary["residual_local_slopes"])]]  # fmt: skip
     curves = {"step": [r["step"] for r in rows], "measured": meas, "jvp": jvp, "tabular": tab,
               "entropy": [r.get("entropy") for r in rows],
               "reward": [r.get("reward/mean") for r in rows]}  # fmt: skip
@@ -315,7 +346,8 @@ def _first_order_figure(c: dict, lrs: np.ndarray, res: np.ndarray, out: Path) ->
     ax[1].scatter(c["measured"], c["jvp"], s=14)
     ax[1].plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
     ax[1].set(xlabel="measured ΔH", ylabel="JVP", title="JVP vs measured")
-    ok = res > 0
+    ok = res > RESIDUAL_FLOOR
+    ax[2].axhline(RESIDUAL_FLOOR, color="0.6", ls="--", lw=0.8, label="float32 floor")
     ax[2].loglog(lrs[ok], res[ok], "o-", label="|measured − JVP|")
     if ok.sum() >= 1:
         ref = res[ok][0] * (lrs[ok] / lrs[ok][0]) ** 2
@@ -334,12 +366,15 @@ def attribution(opts: Options, out: Path) -> Result:
     base_lr = opts.lr or 1e-5
     sgd = {"optimizer": "sgd", "max_grad_norm": None, "lr": base_lr * 1000}  # plain SGD steps are far smaller
     optims = {"sgd": sgd, "adamw": {"optimizer": "adamw"}}
-    rows = []
-    for s in range(seeds):
-        seed = opts.seed + s
+    rows: list[dict[str, Any]] = []
+    skipped: list[int] = []
+    for seed in _seeds(opts, seeds, skipped):
         for oname, optim in optims.items():
             kw = {"optim": optim, "loss": {"aggregation": "constant"}}
             full = one_update(_config(opts, out / "scratch", seed=seed, **kw), opts.reward_fn())
+            if full["adv_nonzero"] == 0:
+                skipped.append(seed)
+                break
             parts = {}
             for q in QUADRANTS:
                 rule = f"quadrant_mask:keep={q},in_normaliser=true"
@@ -353,7 +388,7 @@ def attribution(opts: Options, out: Path) -> Result:
                                 / max(abs(full["theory/dH_jvp"]), 1e-300)})  # fmt: skip
             _say(opts, f"llm attribution: seed {seed} {oname}: full JVP {full['theory/dH_jvp']:+.3e}, sum of "
                        f"quadrants {total:+.3e} (gap {rows[-1]['gap']:.1e})")  # fmt: skip
-    summary: dict[str, Any] = {"seeds": seeds}
+    summary: dict[str, Any] = {"seeds": seeds, "seeds_skipped": skipped}
     table = [["optimizer", *[f"share {q}" for q in QUADRANTS], "Σ parts / full", "max rel. gap"]]
     for oname in optims:
         sel = [r for r in rows if r["optimizer"] == oname]

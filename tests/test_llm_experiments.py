@@ -83,9 +83,9 @@ def test_attribution_sums_to_the_jvp_under_sgd_only(tmp_path):
 def test_first_order_on_the_tiny_model(tmp_path):
     summary, curves = run(tmp_path, "first-order")
     assert summary["steps"] == len(curves["measured"]) == 4
-    assert len(summary["lr_sweep"]) == 4
+    assert len(summary["lr_sweep"]) == 6 and len(summary["residual_local_slopes"]) == 5
     assert summary["r2_jvp"] > 0.9 and summary["jvp_sign_agreement"] == 1.0
-    assert 1.5 < summary["residual_lr_slope"] < 2.5  # the JVP is exact to first order
+    assert 1.5 < summary["residual_lr_slope"] < 2.5  # the JVP is exact to first order (above the floor)
 
 
 def test_rules_keys(tmp_path):
@@ -104,3 +104,21 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert "unknown experiment" in capsys.readouterr().err
     assert main(["llm", "quadrants", *TINY, "--seeds", "0", "--out", str(tmp_path)]) == 2
     assert "--seeds must be >= 1" in capsys.readouterr().err
+
+
+def test_seeds_without_signal_are_replaced():
+    """``_seeds`` goes on until ``n`` seeds carried a signal, trying at most ``3 n``."""
+    from scale.llm import Options, _seeds
+
+    skipped: list[int] = []
+    got = []
+    for seed in _seeds(Options(seed=10), 2, skipped):
+        got.append(seed)
+        if seed in (11, 12):  # these batches had no advantage
+            skipped.append(seed)
+    assert got == [10, 11, 12, 13] and skipped == [11, 12]
+    skipped = []
+    assert list(_seeds(Options(), 2, skipped)) == [0, 1]
+    always: list[int] = []
+    tried = [s for s in _seeds(Options(), 2, always) if always.append(s) is None]
+    assert tried == list(range(6))  # 3 n tries, then it stops with fewer than n
