@@ -321,7 +321,38 @@ def rule_params(name: str) -> st.SearchStrategy:
                 "in_normaliser": st.booleans(),
             }
         )
+    if name == "entropy_target":
+        common = {
+            "gain": s([0.5, 0.1]),
+            "ki": s([0.05, 0.3]),
+            "w_min": s([0.0, 0.5]),
+            "w_max": s([2.0, 1.5, 3.0]),
+            "calibration": s([1.0, 0.05]),
+            "by": s(["deviation", "s_star"]),
+        }
+        return _with_schedules(common)
+    if name == "entropic_pi":
+        common = {"kp": s([1.0, 0.2]), "ki": s([0.1, 0.5]), "w_min": s([0.0, 0.5]), "w_max": s([2.0, 1.2])}
+        return _with_schedules(common)
     raise KeyError(name)  # pragma: no cover
+
+
+def _with_schedules(common: dict) -> st.SearchStrategy:
+    """``common`` (a controller's parameters) with each target schedule."""
+    s = st.sampled_from
+    return st.one_of(
+        st.fixed_dictionaries({**common, "schedule": st.just("hold"), "hold_step": s([0, 200, 1000])}),
+        st.fixed_dictionaries({**common, "schedule": st.just("constant"), "target": s([0.2, 1.0, 2.5])}),
+        st.fixed_dictionaries(
+            {
+                **common,
+                "schedule": s(["linear", "cosine"]),
+                "target": s([0.5, 2.0]),
+                "final_target": s([None, 0.1]),
+                "total_steps": s([100, 300]),
+            }
+        ),
+    )
 
 
 _RULE_STRATEGIES: dict[str, st.SearchStrategy] = {}
@@ -401,4 +432,11 @@ def initial_state_np(rule, rng_value: float | None = None):
         return tuple(initial_state_np(r, rng_value) for r in rule.rules)
     if isinstance(rule, R.EntropyBonus) and rule.adaptive and rng_value is not None:
         return np.float64(rng_value)
+    held = 1.0 if (rng_value or 0.0) > 0.5 else 0.0  # the controllers: a held reference when c0 > 0.5
+    if isinstance(rule, R.EntropyTarget) and rng_value is not None:
+        c = float(rng_value)
+        return tuple(np.float64(v) for v in (0.2 * c, 0.1 * c, 0.5 * c, 1.0 + c, held, 0.01 * c))
+    if isinstance(rule, R.EntropicPI) and rng_value is not None:
+        c = float(rng_value)
+        return tuple(np.float64(v) for v in (0.5 * c, 1.0 + c, held))
     return None

@@ -45,12 +45,14 @@ def parse_blocks(text: str) -> dict[str, dict[str, str]]:
 # ------------------------------------------------------------------------------------ entdyn rules
 
 
-def test_registry_has_the_eleven_documented_rules():
+def test_registry_has_the_thirteen_documented_rules():
     assert NAMES == [
         "clip_b",
         "clip_cov",
         "clip_v",
+        "entropic_pi",
         "entropy_bonus",
+        "entropy_target",
         "high_entropy_mask",
         "kl_cov",
         "position_bonus",

@@ -30,7 +30,9 @@ from theory.rules import (
     ClipB,
     ClipCov,
     ClipV,
+    EntropicPI,
     EntropyBonus,
+    EntropyTarget,
     HighEntropyMask,
     KLCov,
     PositionBonus,
@@ -103,6 +105,13 @@ CASES = {
         0,
         None,
     ),
+    "entropy_target": (EntropyTarget(schedule="constant", target=2.0), 0, None),
+    "entropy_target_linear_s_star": (
+        EntropyTarget(schedule="linear", target=2.0, total_steps=100, by="s_star"),
+        30,
+        None,
+    ),
+    "entropic_pi": (EntropicPI(schedule="constant", target=2.0), 0, None),
     "compose_clip_b_position": (make_rule("clip_b:mu=0.5+position_bonus:gate=always"), 0, None),
 }
 IDS = list(CASES)

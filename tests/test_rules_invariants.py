@@ -33,6 +33,7 @@ from theory import rules as R
 NP = Backend("numpy")
 ALL = token_rule_names() + ["compose"]
 SHAPING = (R.PPLShaping, R.PositionBonus, R.ProbWeighted)
+WEIGHTING = (R.EntropyTarget, R.EntropicPI)  # controllers: weights in [w_min, w_max], not only {0, 1}
 
 
 def _leaves(rule):
@@ -55,7 +56,12 @@ def _check_contract(rule, d, out):
             assert 0.0 <= float(v) <= 1.0, (k, float(v))
     leaves = _leaves(rule)
     if out["weight"] is not None:
-        assert set(np.unique(out["weight"])) <= {0.0, 1.0}  # Clip-Cov detaches, never rescales
+        ctl = [r for r in leaves if isinstance(r, WEIGHTING)]
+        if ctl:
+            lo, hi = min(r.w_min for r in ctl), max(r.w_max for r in ctl)
+            assert ((out["weight"] >= lo) & (out["weight"] <= hi)).all()
+        else:
+            assert set(np.unique(out["weight"])) <= {0.0, 1.0}  # Clip-Cov detaches, never rescales
         assert (out["weight"][~valid] == 1.0).all()
     if out["kl_coef"] is not None:
         coefs = {0.0} | {r.coef for r in leaves if isinstance(r, R.KLCov)}

@@ -89,7 +89,7 @@ def test_backend_parity(name):
     check()
 
 
-def test_token_rules_are_the_ten_registered():
+def test_token_rules_are_the_twelve_registered():
     """The parity test covers every registered token rule (the stage detector is kind "detector")."""
     assert token_rule_names() == sorted(
         [
@@ -103,6 +103,8 @@ def test_token_rules_are_the_ten_registered():
             "position_bonus",
             "prob_weighted",
             "quadrant_mask",
+            "entropy_target",
+            "entropic_pi",
         ]
     )
     assert R.RULES["stage_detector"].kind == "detector"

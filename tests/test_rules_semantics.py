@@ -1192,6 +1192,8 @@ def test_describe_rules_covers_all():
         "position_bonus",
         "prob_weighted",
         "quadrant_mask",
+        "entropy_target",
+        "entropic_pi",
         "stage_detector",
     }
     for d in R.describe_rules():
@@ -1226,7 +1228,13 @@ def test_token_batch_other_errors(be):
 
 @pytest.mark.parametrize(
     "rule,field",
-    [(R.ClipB(), "entropy"), (R.ClipV(), "baseline"), (R.HighEntropyMask(), "entropy")],
+    [
+        (R.ClipB(), "entropy"),
+        (R.ClipV(), "baseline"),
+        (R.HighEntropyMask(), "entropy"),
+        (R.EntropyTarget(), "entropy"),
+        (R.EntropicPI(), "entropy"),
+    ],
 )
 def test_missing_needed_field_raises(be, rule, field):
     z = be.asarray(np.zeros((2, 3)))

@@ -10,6 +10,7 @@ source and known differences from the reference code.
 
 from .base import RULES, Compose, Rule, RuleOutput, TokenBatch, describe_rules, make_rule, register
 from .clipping import ClipB, ClipCov, ClipV, HighEntropyMask, KLCov
+from .control import EntropicPI, EntropicPIState, EntropyTarget, EntropyTargetState, entropy_target_feedback
 from .entropy_control import EntropyBonus, StageDetector, StageState
 from .intervention import QuadrantMask
 from .shaping import PositionBonus, PPLShaping, ProbWeighted
@@ -20,7 +21,11 @@ __all__ = [
     "ClipCov",
     "ClipV",
     "Compose",
+    "EntropicPI",
+    "EntropicPIState",
     "EntropyBonus",
+    "EntropyTarget",
+    "EntropyTargetState",
     "HighEntropyMask",
     "KLCov",
     "PPLShaping",
@@ -33,6 +38,7 @@ __all__ = [
     "StageState",
     "TokenBatch",
     "describe_rules",
+    "entropy_target_feedback",
     "make_rule",
     "register",
 ]
