@@ -475,7 +475,7 @@ if "first-order" in recorded:
           f"{f['steps']} steps; residual-vs-lr log-log slope {f['residual_lr_slope']:.2f}")
 if "attribution" in recorded:
     a = recorded["attribution"]
-    shares = ", ".join(f"{k} {v[0]:+.2f}" for k, v in a["quadrant_share_of_dH"].items())
+    shares = ", ".join(f"{k} {v:+.2f}" for k, v in a["quadrant_share_of_dH"].items())
     print(f"attribution (SGD): {shares}; sum gap SGD {a['sum_gap_sgd']:.1e}, AdamW {a['sum_gap_adamw']:.1e}")
 for name, summ in recorded.items():
     for fig in summ.get("figures", []):

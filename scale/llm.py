@@ -389,15 +389,22 @@ def attribution(opts: Options, out: Path) -> Result:
             _say(opts, f"llm attribution: seed {seed} {oname}: full JVP {full['theory/dH_jvp']:+.3e}, sum of "
                        f"quadrants {total:+.3e} (gap {rows[-1]['gap']:.1e})")  # fmt: skip
     summary: dict[str, Any] = {"seeds": seeds, "seeds_skipped": skipped}
-    table = [["optimizer", *[f"share {q}" for q in QUADRANTS], "Σ parts / full", "max rel. gap"]]
+    table = [["optimizer", *[f"{q} (nats)" for q in QUADRANTS], "full update (nats)", "Σ parts / full",
+              "max rel. gap"]]  # fmt: skip
     for oname in optims:
         sel = [r for r in rows if r["optimizer"] == oname]
-        shares = {q: rep.mean_ci(np.array([r["parts"][q] / r["full_jvp"] for r in sel])) for q in QUADRANTS}
+        parts = {q: rep.mean_ci(np.array([r["parts"][q] for r in sel])) for q in QUADRANTS}
+        full = rep.mean_ci(np.array([r["full_jvp"] for r in sel]))
+        pooled = sum(r["full_jvp"] for r in sel)  # shares of the pooled change, as the toy's (one update
+        shares = {q: sum(r["parts"][q] for r in sel) / pooled if pooled else float("nan")  # per seed is
+                  for q in QUADRANTS}  # a small difference of large parts: ill-conditioned)  # fmt: skip
         ratio = rep.mean_ci(np.array([r["sum_of_parts"] / r["full_jvp"] for r in sel]))
         gap = max(r["gap"] for r in sel)
-        summary[oname] = {"share": {q: [float(m), float(h)] for q, (m, h) in shares.items()},
+        summary[oname] = {"parts": {q: [float(m), float(h)] for q, (m, h) in parts.items()},
+                          "full": [float(full[0]), float(full[1])], "share": shares,
                           "sum_over_full": [float(ratio[0]), float(ratio[1])], "max_gap": gap}  # fmt: skip
-        table.append([oname, *[rep.pm(float(m), float(h), "+.3f") for m, h in shares.values()],
+        table.append([oname, *[rep.pm(float(m), float(h), "+.2e") for m, h in parts.values()],
+                      rep.pm(float(full[0]), float(full[1]), "+.2e"),
                       rep.pm(float(ratio[0]), float(ratio[1]), ".4f"), f"{gap:.1e}"])  # fmt: skip
     summary["sum_gap_sgd"], summary["sum_gap_adamw"] = summary["sgd"]["max_gap"], summary["adamw"]["max_gap"]
     summary["quadrant_share_of_dH"] = summary["sgd"]["share"]

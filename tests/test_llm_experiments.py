@@ -77,7 +77,11 @@ def test_attribution_sums_to_the_jvp_under_sgd_only(tmp_path):
         assert r["sum_of_parts"] == pytest.approx(sum(r["parts"].values()))
     shares = summary["quadrant_share_of_dH"]
     assert set(shares) == set(QUADRANTS)
-    assert sum(m for m, _ in shares.values()) == pytest.approx(1.0, abs=1e-5)
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-5)  # pooled shares of an additive update
+    rows = [r for r in curves["updates"] if r["optimizer"] == "sgd"]
+    for q in QUADRANTS:
+        want = sum(r["parts"][q] for r in rows) / sum(r["full_jvp"] for r in rows)
+        assert shares[q] == pytest.approx(want)
 
 
 def test_first_order_on_the_tiny_model(tmp_path):
