@@ -114,13 +114,13 @@ def test_tensorboard_events_are_the_finite_values_of_metrics_jsonl(tmp_path):
 def test_logger_leaves_environment_and_process_group_alone_and_purges_on_resume(tmp_path):
     from accelerate.state import PartialState
 
-    env = dict(os.environ)
+    env, state = dict(os.environ), dict(PartialState._shared_state)  # (an earlier TRL test may have made one)
     log = MetricsLogger(tmp_path, report_to=["tensorboard"])
     for step in (1, 2, 3):  # steps 2 and 3: past the checkpoint at 1, as a killed run leaves them
         log.log(step, {"a": float(step), "nan": float("nan"), "inf": math.inf, "none": None})
     log.close()
     assert dict(os.environ) == env and not torch.distributed.is_initialized()
-    assert not PartialState._shared_state  # no accelerate state was created (no process group, no env)
+    assert PartialState._shared_state == state  # no accelerate state was created (no process group, no env)
     log = MetricsLogger(tmp_path, report_to=["tensorboard"], purge_step=2)  # --resume from step 1
     log.log(2, {"a": 20.0})
     log.close()
