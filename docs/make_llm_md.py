@@ -48,12 +48,13 @@ neg_high up). Every update of a seed saw the identical batch (`identical_batches
 every step), then one batch updated at six learning rates: the residual |measured - JVP| against lr
 in log-log. A slope of about 2 means the JVP is exact to first order and what remains is the
 second-order term, as in the toy's `first-order` experiment.""",
-    "attribution": """Which tokens drive the entropy change at network level: the JVP of the update that each
-quadrant's tokens alone produce, as a share of the full update's JVP. Under plain SGD with a fixed
-normaliser (`constant` aggregation, no gradient clipping) the update is linear in the tokens and the
-shares sum to 1 up to float32 rounding (`sum_gap_sgd`); under AdamW (its first step is about
-lr * sign(g)) they do not (`sum_gap_adamw`). Toy counterpart: `quadrant_share_of_dH` of
-`entdyn toy collapse`.""",
+    "attribution": """Which tokens drive the entropy change at network level: the JVP of the update
+that each quadrant's tokens alone produce (nats, mean ± 95% CI over seeds), beside the full update's.
+Under plain SGD with a fixed normaliser (`constant` aggregation, no gradient clipping) the update is
+linear in the tokens and the parts sum to the full JVP up to float32 rounding (`sum_gap_sgd`); under
+AdamW (its first step is about lr * sign(g)) they do not (`sum_gap_adamw`). `summary.json` also has
+`quadrant_share_of_dH`, each quadrant's part of the change pooled over seeds (as the toy's
+`quadrant_share_of_dH` of `entdyn toy collapse`, which pools over steps and runs).""",
     "rules": """Plain GRPO against the entropy-control rules on the same seeds (entropy, reward, held-out
 pass@k; mean ± 95% CI over seeds).""",
 }
@@ -117,6 +118,14 @@ def _section(name: str) -> str:
                  "there the quadrants' large first-order parts of opposite sign nearly cancel "
                  "(`attribution`, AdamW) and the second order is not small beside their sum. The residual "
                  "slopes are fitted above a float32 floor of 1e-6 nats (`RESIDUAL_FLOOR` in `scale/llm.py`).")
+    if name == "attribution":
+        parts = s["sgd"]["parts"]
+        down = [q for q, (m, _) in parts.items() if m < 0]
+        up = [q for q, (m, _) in parts.items() if m > 0]
+        extra = (f"\n\nUnder SGD the quadrants that lower the entropy here are {', '.join(down) or 'none'}, "
+                 f"those that raise it {', '.join(up) or 'none'}; the full change "
+                 f"({s['sgd']['full'][0]:+.2e} nats) is their small net. Pooled shares (SGD): "
+                 + ", ".join(f"{q} {v:+.2f}" for q, v in s["quadrant_share_of_dH"].items()) + ".")
     figs = "\n".join(f"![{name}](llm/{name}/{f})" for f in s.get("figures", []))
     cmd = f"entdyn llm {name} --model {s['model']}" + (" --quick" if s.get("quick") else "")
     return (f"## `{name}`\n\n{PROSE[name]}{extra}\n\n`{cmd}` — wall time {s['wall_s'] / 60:.1f} min; "
