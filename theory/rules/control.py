@@ -19,7 +19,6 @@ back in with ``state=out.state`` (no host synchronisation; a plain tuple so a ch
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -29,6 +28,7 @@ from .._xp import namespace
 from ..discriminator import QUADRANTS, quadrant, s_star
 from ._stats import count, masked_mean, metric
 from .base import Rule, RuleOutput, register
+from .entropy_control import scheduled
 
 __all__ = ["EntropyTarget", "EntropicPI", "EntropyTargetState", "EntropicPIState", "entropy_target_feedback"]
 
@@ -91,15 +91,10 @@ class _Scheduled:
 
     def target_at(self, step: int) -> float | None:
         """The scheduled target (nats) at ``step``; None for ``schedule="hold"`` (it lives in the state)."""
-        final = self.target if self.final_target is None else self.final_target
         if self.schedule == "hold":
             return None
-        if self.schedule == "constant":
-            return self.target
-        s = min(max(step, 0), self.total_steps) / self.total_steps
-        if self.schedule == "linear":
-            return self.target + (final - self.target) * s
-        return final + (self.target - final) * 0.5 * (1.0 + math.cos(math.pi * s))
+        final = self.target if self.final_target is None else self.final_target
+        return scheduled(self.schedule, self.target, final, step, self.total_steps)
 
     def _target(self, xp, h_mean, has, h_ref, has_ref, step: int):
         """``(target, active, h_ref, has_ref)``; ``active``: a valid token and a defined target."""

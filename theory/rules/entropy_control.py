@@ -23,6 +23,19 @@ def _device(x):
 __all__ = ["EntropyBonus", "StageDetector", "StageState"]
 
 
+def scheduled(kind: str, start: float, end: float, step: int, total_steps: int | None) -> float:
+    """A schedule from ``start`` to ``end`` at ``step`` (python floats): ``"constant"`` stays at ``start``;
+    with ``s = clip(step, 0, total_steps) / total_steps``, ``"linear"`` is ``start + (end - start) s`` and
+    ``"cosine"`` is ``end + (start - end)(1 + cos(π s)) / 2``. Shared by the entropy bonus and the
+    entropy controllers (:mod:`theory.rules.control`)."""
+    if kind == "constant":
+        return start
+    s = min(max(step, 0), total_steps) / total_steps
+    if kind == "linear":
+        return start + (end - start) * s
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * s))
+
+
 @register
 @dataclass(frozen=True)
 class EntropyBonus(Rule):
@@ -69,12 +82,7 @@ class EntropyBonus(Rule):
 
     def coef_at(self, step: int) -> float:
         """The scheduled coefficient at ``step`` (a python float; the adaptive state is separate)."""
-        if self.schedule == "constant":
-            return self.coef
-        s = min(max(step, 0), self.total_steps) / self.total_steps
-        if self.schedule == "linear":
-            return self.coef + (self.final_coef - self.coef) * s
-        return self.final_coef + (self.coef - self.final_coef) * 0.5 * (1.0 + math.cos(math.pi * s))
+        return scheduled(self.schedule, self.coef, self.final_coef, step, self.total_steps)
 
     def apply(self, batch, *, noise, state):
         xp = batch.xp
