@@ -329,6 +329,9 @@ def rule_params(name: str) -> st.SearchStrategy:
             "w_max": s([2.0, 1.5, 3.0]),
             "calibration": s([1.0, 0.05]),
             "by": s(["deviation", "s_star"]),
+            "actuator": s(["bonus", "weights"]),
+            "accelerate": st.booleans(),
+            "coef_max": s([1.0, 0.1]),
         }
         return _with_schedules(common)
     if name == "entropic_pi":

@@ -399,6 +399,7 @@ RULE_CASES = {
     "quadrant_mask": R.QuadrantMask(),
     "entropy_target": R.EntropyTarget(schedule="constant", target=2.0),
     "entropy_target_hold": R.EntropyTarget(by="s_star"),
+    "entropy_target_weights": R.EntropyTarget(schedule="constant", target=2.0, actuator="weights"),
     "entropic_pi": R.EntropicPI(schedule="cosine", target=2.0, final_target=0.5, total_steps=10),
     "compose": R.make_rule("clip_b:mu=0.5+position_bonus:gate=always+kl_cov:frac=0.2"),
 }

@@ -105,7 +105,8 @@ CASES = {
         0,
         None,
     ),
-    "entropy_target": (EntropyTarget(schedule="constant", target=2.0), 0, None),
+    "entropy_target": (EntropyTarget(schedule="constant", target=10.0), 0, None),  # below: the bonus is on
+    "entropy_target_weights": (EntropyTarget(schedule="constant", target=2.0, actuator="weights"), 0, None),
     "entropy_target_linear_s_star": (
         EntropyTarget(schedule="linear", target=2.0, total_steps=100, by="s_star"),
         30,

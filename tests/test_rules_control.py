@@ -28,6 +28,11 @@ def _batch(seed=0, B=8, Tn=6, V=5, **kw):
     return d, z, tok
 
 
+def _weights(**kw):
+    """The quadrant-weight actuator with its raw law (no brake)."""
+    return R.EntropyTarget(actuator="weights", accelerate=True, **kw)
+
+
 def _m(out, k):
     return float(to_numpy(out.metrics[k]))
 
@@ -49,13 +54,13 @@ def _entropy_after(z, tok, w_adv, eta):
     return T.entropy(z2)
 
 
-# --- entropy_target: the prediction and the weights -------------------------------------------------
+# --- entropy_target, actuator="weights": the prediction and the weights -----------------------------
 
 
 @pytest.mark.parametrize("target", [3.0, 0.05])
 def test_weights_move_the_predicted_change_toward_the_target(target):
     d, _, _ = _batch()
-    out = R.EntropyTarget(schedule="constant", target=target)(make_batch(NP, d))
+    out = _weights(schedule="constant", target=target)(make_batch(NP, d))
     raise_h = target > _m(out, "entropy_mean")
     p, p0 = _m(out, "predicted_dh"), _m(out, "predicted_dh_unweighted")
     assert (p > p0) if raise_h else (p < p0)
@@ -66,13 +71,14 @@ def test_weights_move_the_predicted_change_toward_the_target(target):
 
 
 def test_unclipped_weights_close_the_wanted_fraction_exactly():
-    """A large calibration keeps ``s`` inside its bounds: predicted = (gain e + I)/c, weights by hand."""
+    """A large calibration keeps ``s`` inside its bounds: predicted = (gain e + I)/c (``I`` = 0 on the
+    first call), weights by hand."""
     d, _, _ = _batch(seed=1)
-    rule = R.EntropyTarget(schedule="constant", target=1.5, calibration=50.0, gain=0.3, ki=0.1)
+    rule = _weights(schedule="constant", target=1.5, calibration=50.0, gain=0.3, ki=0.1)
     out = rule(make_batch(NP, d))
     P, code = _quadrant_sums(d)
     e = 1.5 - d.entropy[d.valid].mean()
-    want = (0.3 * e + 0.1 * e) / 50.0
+    want = 0.3 * e / 50.0
     up, down = P["pos_low"] + P["neg_high"], P["pos_high"] + P["neg_low"]
     s = (want - up - down) / (up - down)
     assert abs(s) < 1.0
@@ -92,7 +98,7 @@ def test_the_actual_first_order_change_follows_the_prediction(target):
     """On a tabular softmax batch the weighted step changes the mean entropy by about η · predicted_dh,
     and in the direction of the target (relative to the unweighted step)."""
     d, z, tok = _batch(seed=2, B=10, Tn=8, V=6)
-    out = R.EntropyTarget(schedule="constant", target=target)(make_batch(NP, d))
+    out = _weights(schedule="constant", target=target)(make_batch(NP, d))
     eta, w = 1e-3, to_numpy(out.weight)
     H0 = d.entropy[d.valid].mean()
     adv = np.where(d.valid, d.adv, 0.0)  # α_t = η w_t A_t; the token-mean ΔH is then η · predicted_dh
@@ -108,7 +114,7 @@ def test_weights_stay_in_the_shared_factor_range(w_min, w_max):
     d, _, _ = _batch(seed=3)
     s_lo, s_hi = max(w_min - 1, 1 - w_max), min(w_max - 1, 1 - w_min)
     for target in (10.0, 0.0):  # saturate both ways
-        out = R.EntropyTarget(schedule="constant", target=target, w_min=w_min, w_max=w_max)(make_batch(NP, d))
+        out = _weights(schedule="constant", target=target, w_min=w_min, w_max=w_max)(make_batch(NP, d))
         w = to_numpy(out.weight)[d.valid]
         assert (w >= 1 + s_lo - 1e-15).all() and (w <= 1 + s_hi + 1e-15).all()
         assert (w >= w_min).all() and (w <= w_max).all()
@@ -117,8 +123,9 @@ def test_weights_stay_in_the_shared_factor_range(w_min, w_max):
 
 
 def test_the_integral_accumulates_and_is_bounded():
+    """While the actuator is inside its bounds (a large calibration: a small wanted change)."""
     d, _, _ = _batch(seed=4)
-    rule = R.EntropyTarget(schedule="constant", target=2.5, ki=0.1, integral_max=0.35)
+    rule = _weights(schedule="constant", target=2.5, ki=0.1, integral_max=0.35, calibration=1e4)
     tb, state = make_batch(NP, d), None
     e = 2.5 - d.entropy[d.valid].mean()
     got = []
@@ -131,6 +138,27 @@ def test_the_integral_accumulates_and_is_bounded():
     assert float(R.EntropyTargetState(*state).integral) == got[-1]
 
 
+@pytest.mark.parametrize("actuator", ["weights", "bonus"])
+def test_no_wind_up_at_a_bound_or_while_coasting(actuator):
+    """Conditional integration: a saturated actuator (an unreachable target) or a drift that already
+    moves toward the target (the brake leaves it alone) does not integrate."""
+    d, _, _ = _batch(seed=4)
+    tb = make_batch(NP, d)
+    for target in (50.0, 0.0):
+        out = R.EntropyTarget(schedule="constant", target=target, actuator=actuator, ki=0.1)(tb)
+        assert _m(out, "integral") == 0.0
+    p0 = _m(R.EntropyTarget(schedule="constant", target=0.0)(tb), "predicted_dh_unweighted")
+    H = d.entropy[d.valid].mean()
+    coast_target = H - 0.1 if p0 < 0 else H + 0.1  # the drift moves toward it, slower than wanted
+    rule = R.EntropyTarget(schedule="constant", target=coast_target, actuator=actuator, ki=0.1,
+                           calibration=5.0, coef_min=-1.0)  # fmt: skip
+    out = rule(tb)
+    assert _m(out, "integral") == 0.0
+    assert _m(out, "predicted_dh") == pytest.approx(p0, rel=1e-12)  # the brake: nothing changed
+    pushed = R.EntropyTarget(**{**rule.__dict__, "accelerate": True})(tb)
+    assert abs(_m(pushed, "predicted_dh")) > abs(p0) and _m(pushed, "integral") != 0.0
+
+
 def test_an_empty_batch_changes_no_state():
     d, _, _ = _batch(seed=5)
     rule = R.EntropyTarget(schedule="constant", target=2.5)
@@ -138,7 +166,79 @@ def test_an_empty_batch_changes_no_state():
     out = rule(make_batch(NP, d, valid=np.zeros_like(d.valid)), state=state)
     for a, b in zip(out.state, state, strict=True):
         np.testing.assert_array_equal(a, b)
-    assert (to_numpy(out.weight) == 1.0).all() and _m(out, "error") == 0.0
+    assert (to_numpy(out.entropy_coef) == 0.0).all() and _m(out, "error") == 0.0
+
+
+# --- entropy_target, actuator="bonus" --------------------------------------------------------------
+
+
+def _bonus_gain_exact(z, valid):
+    """``(1/N) Σ_t ‖S_t‖²`` over the valid positions: the bonus's exact first-order gain per unit."""
+    S = T.discriminator(z)
+    return float((S * S).sum(axis=-1)[valid].sum() / max(valid.sum(), 1))
+
+
+def test_the_sampled_bonus_gain_is_an_unbiased_estimate_of_the_squared_norm():
+    """``E_{k∼p}[p_k (log p_k + H)²] = Σ_i S_i²``: the one-sample estimate the bonus actuator uses."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(7, 11)) * 2.0
+    logp = T.log_softmax(z)
+    p, H = np.exp(logp), T.entropy(z)
+    per_token = p * (logp + H[:, None]) ** 2  # the estimate if token k were sampled
+    np.testing.assert_allclose((p * per_token).sum(-1), (T.discriminator(z) ** 2).sum(-1), rtol=1e-12)
+
+
+def test_the_bonus_coefficient_closes_the_wanted_change():
+    d, _, _ = _batch(seed=1)
+    rule = R.EntropyTarget(schedule="constant", target=2.5, calibration=20.0, gain=0.4, accelerate=True)
+    out = rule(make_batch(NP, d))
+    P, _ = _quadrant_sums(d)
+    p0 = sum(P.values())
+    e = 2.5 - d.entropy[d.valid].mean()
+    q = float(np.where(d.valid, np.exp(d.logp) * (d.logp + d.entropy) ** 2, 0.0).sum() / d.valid.sum())
+    k = (0.4 * e / 20.0 - p0) / q
+    assert 0.0 < k < 1.0
+    np.testing.assert_allclose([_m(out, "coef"), _m(out, "bonus_gain")], [k, q], rtol=1e-12)
+    np.testing.assert_allclose(_m(out, "predicted_dh"), 0.4 * e / 20.0, rtol=1e-12)
+    c = to_numpy(out.entropy_coef)
+    np.testing.assert_allclose(c[d.valid], k, rtol=1e-12)
+    assert (c[~d.valid] == 0.0).all() and out.weight is None
+    np.testing.assert_array_equal(to_numpy(out.adv), d.adv)
+    above = R.EntropyTarget(schedule="constant", target=0.0)(make_batch(NP, d))  # above target: off
+    assert _m(above, "coef") == 0.0
+
+
+def test_the_bonus_moves_the_actual_entropy_by_its_exact_gain():
+    """On a tabular softmax batch the step ``δz = η (A (e_k − p) − k S)`` changes the token-mean entropy
+    by ``η (P₀ + k ‖S‖²)`` to first order; the rule's coefficient raises it toward a higher target."""
+    d, z, tok = _batch(seed=2, B=10, Tn=8, V=6)
+    out = R.EntropyTarget(schedule="constant", target=3.0, calibration=50.0)(make_batch(NP, d))
+    k, eta = _m(out, "coef"), 1e-3
+    assert k > 0
+    p = np.exp(T.log_softmax(z))
+    adv = np.where(d.valid, d.adv, 0.0)
+    bonus = k * d.valid[..., None] * T.discriminator(z)  # the logit step of k H: -η k S
+    z2 = z + eta * (adv[..., None] * (np.eye(z.shape[-1])[tok] - p) - bonus)
+    dH = (T.entropy(z2) - d.entropy)[d.valid].mean()
+    want = eta * (_m(out, "predicted_dh_unweighted") + k * _bonus_gain_exact(z, d.valid))
+    np.testing.assert_allclose(dH, want, rtol=0.05)
+    dH_plain = _entropy_after(z, tok, adv, eta)[d.valid].mean() - d.entropy[d.valid].mean()
+    assert dH > dH_plain
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_the_adaptive_bonus_follows_a_target_schedule(kind):
+    rule = R.EntropyBonus(adaptive=True, coef=0.1, target=2.0, final_target=0.5, target_schedule=kind,
+                          total_steps=10)  # fmt: skip
+    assert rule.target_at(0) == pytest.approx(2.0) and rule.target_at(10) == pytest.approx(0.5)
+    assert rule.target_at(5) == pytest.approx(1.25)
+    d, _, _ = _batch(seed=3)
+    H = d.entropy[d.valid].mean()
+    assert 0.5 < H < 2.0
+    for step, on in ((0, True), (10, False)):  # below the target at step 0, above it at step 10
+        d.step = step
+        assert (_m(rule(make_batch(NP, d)), "coef") > 0) == on
+    d.step = 0
 
 
 # --- schedules ------------------------------------------------------------------------------------
@@ -181,7 +281,7 @@ def test_hold_step_k_holds_the_entropy_of_step_k(cls):
         if cls is R.EntropicPI:
             assert (to_numpy(out.weight) == 1.0).all()
         else:
-            assert _m(out, "w_pos_high") == 1.0
+            assert _m(out, "coef") == 0.0 and (to_numpy(out.entropy_coef) == 0.0).all()
     d.step = 10
     out = rule(make_batch(NP, d), state=state)
     state = out.state
@@ -245,17 +345,22 @@ def test_state_round_trips_through_numpy_and_tuples(be):
         for k in ref.metrics:
             g, r = to_numpy(got.metrics[k]), to_numpy(ref.metrics[k])
             np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-14, err_msg=k)
-        np.testing.assert_allclose(to_numpy(got.weight), to_numpy(ref.weight), rtol=1e-12, atol=1e-14)
+        for name in ("weight", "entropy_coef"):
+            if getattr(ref, name) is not None:
+                np.testing.assert_allclose(to_numpy(getattr(got, name)), to_numpy(getattr(ref, name)),
+                                           rtol=1e-12, atol=1e-14)  # fmt: skip
         for a, b in zip(got.state, ref.state, strict=True):
             np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-12, atol=1e-14)
         d.step = 0
 
 
-def test_state_chains_with_feedback_agree_on_every_backend():
+@pytest.mark.parametrize("actuator", ["bonus", "weights"])
+def test_state_chains_with_feedback_agree_on_every_backend(actuator):
     d, _, _ = _batch(seed=11, B=6, Tn=5)
     trails = {}
     for be in BACKENDS:
-        rule = R.EntropyTarget(schedule="linear", target=2.5, final_target=1.0, total_steps=4, w_max=3.0)
+        rule = R.EntropyTarget(schedule="linear", target=2.5, final_target=1.0, total_steps=4, w_max=3.0,
+                               actuator=actuator, calibration=30.0)  # fmt: skip
         pi = R.EntropicPI(schedule="constant", target=2.5)
         st_t = st_p = None
         trail = []
@@ -337,6 +442,10 @@ def test_specs_build_the_controllers():
         (R.EntropyTarget, {"calibration_ema": 1.0}, "calibration_ema"),
         (R.EntropyTarget, {"by": "x"}, "by"),
         (R.EntropyTarget, {"hold_step": -1}, "hold_step"),
+        (R.EntropyTarget, {"actuator": "kl"}, "actuator"),
+        (R.EntropyTarget, {"coef_min": 0.1}, "coef_min"),
+        (R.EntropyBonus, {"adaptive": True, "target_schedule": "exp"}, "target_schedule"),
+        (R.EntropyBonus, {"adaptive": True, "target_schedule": "linear"}, "total_steps"),
         (R.EntropicPI, {"kp": -0.1}, "kp"),
         (R.EntropicPI, {"w_min": -0.1}, "w_min"),
         (R.EntropicPI, {"schedule": "cosine"}, "total_steps"),
@@ -363,12 +472,16 @@ def test_traces_with_a_state_without_graph_break():
     """The state path (a tuple passed back in, feedback in between) compiles as one graph (eager backend)."""
     torch = pytest.importorskip("torch")
     d, _, _ = _batch(seed=17)
-    rule = R.EntropyTarget(schedule="constant", target=2.0)
+    for actuator in ("bonus", "weights"):
+        _compiles_as_one_graph(torch, d, R.EntropyTarget(schedule="constant", target=2.0, actuator=actuator))
 
+
+def _compiles_as_one_graph(torch, d, rule):
     def fn(logp, adv, valid, entropy, baseline, state):
         batch = R.TokenBatch(logp=logp, adv=adv, valid=valid, entropy=entropy, baseline=baseline)
         out = rule(batch, state=state)
-        return out.weight, rule.feedback(out.state, 0.5 * out.metrics["predicted_dh"])
+        act = out.weight if out.weight is not None else out.entropy_coef
+        return act, rule.feedback(out.state, 0.5 * out.metrics["predicted_dh"])
 
     names = ("logp", "adv", "valid", "entropy", "baseline")
     args = [torch.from_numpy(np.asarray(getattr(d, k))) for k in names]

@@ -539,6 +539,8 @@ def step(
     diag = _cheap_diagnostics(cfg, ro, beh, keep_f, ratio_clipped)  # 6. diagnostics
     if diagnostics:
         diag.update(_theory_diagnostics(cfg, state, ro, beh, upd, z0, params0, first_coef))
+        if cfg.rule is not None:  # 7. what the update did to the batch's entropy, for the rule's state
+            state.rule_state = cfg.rule.feedback(state.rule_state, diag["dH_exact"])
     state.step += 1
     return diag
 

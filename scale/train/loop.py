@@ -253,6 +253,8 @@ def compute_step(run: Run) -> tuple[StepBatch, dict[str, Any]]:
     b.mark("train", device)
     if probe is not None:
         b.metrics.update(probe_after(run, b.ro, probe, b.adv_eff))  # 6 (after)
+        if run.rule is not None:  # the measured change, for rules that learn from it (a tensor: no sync)
+            run.state.rule_state = run.rule.feedback(run.state.rule_state, b.metrics["theory/dH_measured"])
     b.metrics.update(batch_metrics(cfg, b.ro, b.old, b.adv, b.adv_eff, b.rule_out))  # 7
     floats = to_floats(b.metrics)  # the one host transfer of the step's metrics
     update_stage(run, floats)  # 8

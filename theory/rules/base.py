@@ -195,6 +195,16 @@ class Rule:
         """Initial state for stateful rules; None for stateless ones."""
         return None
 
+    def feedback(self, state: Any, measured_dh: Any) -> Any:
+        """The state after the backend measured ``measured_dh``, the change of the batch's token-mean
+        entropy that the last update (weighted by this rule, with this ``state`` out of it) produced.
+
+        Backends call it on the steps where they measure that change (the diagnostic steps); rules that
+        learn from the measurement (:class:`~theory.rules.EntropyTarget`'s calibration) override it, every
+        other rule returns ``state`` unchanged. ``measured_dh``: a number or an array of the state's
+        leading shape; no host synchronisation."""
+        return state
+
     def __call__(self, batch: TokenBatch, *, noise: Array | None = None, state: Any = None) -> RuleOutput:
         clean, nonfinite_frac = without_nonfinite(batch.detached())
         return self._run(clean, stop_gradient(noise), stop_gradient(state), nonfinite_frac)
@@ -248,6 +258,12 @@ class Compose(Rule):
 
     def init_state(self):
         return tuple(r.init_state() for r in self.rules)
+
+    def feedback(self, state: Any, measured_dh: Any) -> Any:
+        """Each member's :meth:`Rule.feedback` on its own entry of the state (None: nothing applied yet)."""
+        if state is None:
+            return None
+        return tuple(r.feedback(st, measured_dh) for r, st in zip(self.rules, state, strict=True))
 
     def _run(self, batch: TokenBatch, noise: Array | None, state: Any, nonfinite_frac: Array) -> RuleOutput:
         # ``batch`` is already detached and cleaned once, by Rule.__call__; the members run on it directly

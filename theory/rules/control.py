@@ -2,10 +2,11 @@
 
 * :class:`EntropyTarget` (``entropy_target``, this project): a *predictive* controller. Before the update
   is applied it predicts each token's first-order entropy change from (E6) (arXiv 2602.03392, Theorem 3.3),
-  sums it per sign quadrant (``theory.QUADRANTS``, signs ``theory.QUADRANT_DH_SIGN``) and chooses bounded
-  quadrant weights so that the predicted change of the coming update closes a chosen fraction of the error
-  to the target, plus an integral term for what the prediction misses; a calibration (measured / predicted,
-  fed back by :func:`entropy_target_feedback`) converts the prediction to nats.
+  sums it per sign quadrant (``theory.QUADRANTS``, signs ``theory.QUADRANT_DH_SIGN``) and sets its actuator
+  (an entropy bonus whose first-order effect it also predicts, or bounded quadrant weights) so that the
+  predicted change of the coming update closes a chosen fraction of the error to the target, plus an
+  integral term for what the prediction misses; a calibration (measured / predicted, fed back by
+  :meth:`EntropyTarget.feedback` on the backends' diagnostic steps) converts the prediction to nats.
 * :class:`EntropicPI` (``entropic_pi``): the reactive baseline after EntroPIC (arXiv 2511.15248): a PI
   controller on the entropy error sets the loss weights of positive vs negative samples. Our code, written
   from the paper's description; the details of the reference implementation are not reproduced.
@@ -128,38 +129,56 @@ def _per_token(xp, valid, t, value_where: list[tuple[Any, Any]]):
 @register
 @dataclass(frozen=True)
 class EntropyTarget(_Scheduled, Rule):
-    r"""Predictive entropy controller: quadrant weights that make the predicted ``ΔH`` close the error.
+    r"""Predictive entropy controller: the predicted ``ΔH`` of the coming update is made to close the error.
 
     Prediction (E6, Theorem 3.3 of arXiv 2602.03392): a GRPO step on token ``t`` changes its entropy by
     ``-α_t D_t`` with ``D_t = S*_t - E_p[S]_t`` and ``α_t = η r_t A_t``. The coming update's step sizes are
     not known before it is applied, so ``A_t`` is the step proxy (``η`` and ``r_t ≈ 1`` are one common
-    factor, absorbed by the calibration). Per quadrant ``q`` (sign(A) x sign(D)),
+    factor, absorbed by the calibration). Per quadrant ``q`` (sign(A) x sign(D)) and in all,
 
-    .. math:: P_q = \frac{1}{N}\sum_{t\in q,\ valid} -A_t D_t ,\qquad
+    .. math:: P_q = \frac{1}{N}\sum_{t\in q,\ valid} -A_t D_t ,\qquad P_0 = \sum_q P_q ,\qquad
               P_\uparrow = P_{pos\_low} + P_{neg\_high} \ge 0,\qquad
               P_\downarrow = P_{pos\_high} + P_{neg\_low} \le 0
 
-    With ``H`` the batch's token-mean entropy, ``H*`` the scheduled target and ``e = H* - H``, the integral
-    ``I ← clip(I + ki·e, ±integral_max)`` and the calibration ``c`` (measured ΔH per predicted unit), the
-    wanted predicted change is ``u = (gain·e + I) / c``. One shared factor ``s`` scales the quadrants that
-    raise the entropy by ``1 + s`` and those that lower it by ``1 - s``, so the predicted change
-    ``P̂(s) = (1+s) P↑ + (1-s) P↓ = P₀ + s (P↑ - P↓)`` is linear and
+    With ``H`` the batch's token-mean entropy, ``H*`` the scheduled target, ``e = H* - H``, the integral
+    ``I`` and the calibration ``c`` (measured ΔH per predicted unit), the wanted predicted change is
+    ``u = (gain·e + I) / c``. Unless ``accelerate``, a drift that already moves toward the target no faster
+    than wanted (``u P₀ > 0`` and ``|P₀| <= |u|``) is left alone (``u = P₀``: the controller brakes, it does
+    not push; pushing a falling entropy down faster starves the learning signal). Two actuators:
 
-    .. math:: s = \mathrm{clip}\Big(\frac{u - P_0}{P_\uparrow - P_\downarrow},\ s_{lo},\ s_{hi}\Big),\quad
-              s_{lo} = \max(w_{min}-1, 1-w_{max}),\ s_{hi} = \min(w_{max}-1, 1-w_{min})
+    * ``actuator="bonus"`` (default): an entropy bonus with a predicted effect. A bonus ``k·H`` in the
+      objective moves the logits by ``-η k S`` (``S_i = p_i(log p_i + H)``, E2), so its first-order
+      entropy change is ``η k ‖S‖²`` (docs/equations.md §2.5). ``‖S‖² = E_{i∼p}[S_i² / p_i]`` has the
+      one-sample estimate ``S*_t (log p_t + H_t) = p_t (log p_t + H_t)² >= 0`` at each sampled token, so
+      with ``Q = (1/N) Σ_t S*_t (log p_t + H_t)``,
 
-    (``s = 0`` if no token has a first-order effect), so every weight lies in ``[w_min, w_max]``. Tokens
-    with ``A = 0`` or ``D = 0`` keep weight 1. ``c = cal_num / cal_den`` (the ``predicted²``-weighted
-    exponential average of ``measured / predicted``, :func:`entropy_target_feedback`), clipped to
-    ``[calibration_min, calibration_max]``; ``calibration`` until a first feedback. Without feedback the
-    rule is a proportional-integral controller in proxy units with gain ``gain / calibration``.
+      .. math:: k = \mathrm{clip}\big((u - P_0)/Q,\ k_{min},\ k_{max}\big),\qquad \hat P = P_0 + k Q
+
+      (``k = 0`` if ``Q = 0``); output ``entropy_coef = k`` on valid tokens, advantages untouched. With
+      ``coef_min = 0`` the bonus only raises the entropy: above the target it is off.
+    * ``actuator="weights"``: bounded quadrant weights. One shared factor ``s`` scales the quadrants that
+      raise the entropy by ``1 + s`` and those that lower it by ``1 - s``, so ``P̂(s) = P₀ + s (P↑ - P↓)``
+      and
+
+      .. math:: s = \mathrm{clip}\Big(\frac{u - P_0}{P_\uparrow - P_\downarrow},\ s_{lo},\ s_{hi}\Big),\quad
+                s_{lo} = \max(w_{min}-1, 1-w_{max}),\ s_{hi} = \min(w_{max}-1, 1-w_{min})
+
+      (``s = 0`` if no token has a first-order effect), every weight in ``[w_min, w_max]``; tokens with
+      ``A = 0`` or ``D = 0`` keep weight 1. It holds a target as tightly, but it does so by taking the
+      learning signal out of the quadrants that lower the entropy (on the toy, ``docs/toy.md``
+      "control", it costs reward that the bonus actuator does not).
+
+    Integral: ``I ← clip(I + ki·e, ±integral_max)`` after the call, only while the actuator is neither
+    at a bound nor left off by the brake (conditional integration: no wind-up during a long approach).
+    ``c = cal_num / cal_den`` (the ``predicted²``-weighted exponential average of ``measured /
+    predicted``, :meth:`feedback` / :func:`entropy_target_feedback`, fed by the backends on diagnostic
+    steps), clipped to ``[calibration_min, calibration_max]``; ``calibration`` until a first feedback.
 
     ``schedule``: ``"hold"`` (default) holds the batch entropy of the first call with ``step >=
-    hold_step`` (before that the weights are 1 and nothing integrates; from that call on the target is
-    the held value, so the controller first cancels the predicted drift ``P₀``);
-    ``"constant"``: ``target``; ``"linear"`` / ``"cosine"``: from ``target`` to ``final_target`` over
-    ``total_steps``, as :class:`EntropyBonus`. ``by="s_star"`` uses ``S*_t`` instead of ``D_t`` (no
-    ``baseline`` needed; Theorem 3.2). A batch without valid tokens changes no state.
+    hold_step`` (before that the rule is off and nothing integrates); ``"constant"``: ``target``;
+    ``"linear"`` / ``"cosine"``: from ``target`` to ``final_target`` over ``total_steps``, as
+    :class:`EntropyBonus`. ``by="s_star"`` uses ``S*_t`` instead of ``D_t`` (no ``baseline`` needed;
+    Theorem 3.2). A batch without valid tokens changes no state.
     """
 
     schedule: Literal["constant", "linear", "cosine", "hold"] = "hold"
@@ -167,9 +186,13 @@ class EntropyTarget(_Scheduled, Rule):
     final_target: float | None = None
     total_steps: int | None = None
     hold_step: int = 0
+    actuator: Literal["bonus", "weights"] = "bonus"
     gain: float = 0.5
     ki: float = 0.05
     integral_max: float = 0.5
+    accelerate: bool = False
+    coef_min: float = 0.0
+    coef_max: float = 1.0
     w_min: float = 0.0
     w_max: float = 2.0
     calibration: float = 1.0
@@ -183,8 +206,12 @@ class EntropyTarget(_Scheduled, Rule):
 
     def __post_init__(self):
         self._check_schedule()
+        if self.actuator not in ("bonus", "weights"):
+            raise ValueError(f"actuator must be 'bonus' or 'weights', got {self.actuator!r}")
         if not (0.0 <= self.w_min <= 1.0 <= self.w_max):
             raise ValueError(f"need 0 <= w_min <= 1 <= w_max, got {self.w_min!r}, {self.w_max!r}")
+        if not self.coef_min <= 0.0 <= self.coef_max:
+            raise ValueError(f"need coef_min <= 0 <= coef_max, got {self.coef_min!r}, {self.coef_max!r}")
         if self.gain < 0 or self.ki < 0 or self.integral_max < 0:
             raise ValueError("gain, ki and integral_max must be >= 0")
         if not (0.0 < self.calibration_min <= self.calibration <= self.calibration_max):
@@ -201,44 +228,69 @@ class EntropyTarget(_Scheduled, Rule):
         return xp.clip(c, self.calibration_min, self.calibration_max)
 
     def feedback(self, state, measured_dh, predicted_dh=None):
-        """:func:`entropy_target_feedback` with this rule's ``calibration_ema``."""
+        """:func:`entropy_target_feedback` with this rule's ``calibration_ema`` (None before a first
+        call: nothing was predicted yet)."""
+        if state is None:
+            return None
         return entropy_target_feedback(state, measured_dh, predicted_dh, ema=self.calibration_ema)
 
     def apply(self, batch, *, noise, state):
         xp = batch.xp
         valid, adv, t = batch.valid, batch.adv, batch.logp
         st = EntropyTargetState(*_state_arrays(xp, state, 6, t, (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)))
-        score = s_star(batch.behaviour_logp(), batch.entropy)
-        if self.by == "deviation":
-            score = score - batch.require("baseline", "EntropyTarget(by='deviation')")
+        logp = batch.behaviour_logp()
+        ss = s_star(logp, batch.entropy)
+        score = ss if self.by == "s_star" else ss - batch.require("baseline", "EntropyTarget(by='deviation')")
         n = count(xp, valid, t)
-        dh = xp.where(valid, -adv * score, xp.zeros_like(t)) / xp.maximum(n, xp.ones_like(n))  # (..., B, T)
+        per_tok = lambda x: xp.where(valid, x, xp.zeros_like(t)) / xp.maximum(n, xp.ones_like(n))  # noqa: E731
+        total = lambda x: metric(xp, xp.sum(x, axis=(-2, -1), keepdims=True))  # noqa: E731
+        dh = per_tok(-adv * score)  # (..., B, T)
         code = quadrant(adv, score)
         in_q = {q: valid & (code == i) for i, q in enumerate(QUADRANTS)}
-        P = {q: metric(xp, xp.sum(xp.where(m, dh, xp.zeros_like(dh)), axis=(-2, -1), keepdims=True))
-             for q, m in in_q.items()}  # fmt: skip
+        P = {q: total(xp.where(m, dh, xp.zeros_like(dh))) for q, m in in_q.items()}
         p_up, p_down = P["pos_low"] + P["neg_high"], P["pos_high"] + P["neg_low"]
+        p0 = p_up + p_down
         h_mean = metric(xp, masked_mean(xp, batch.entropy, valid))
         has = metric(xp, n) > 0
-        target, active, err, integral, h_ref, has_ref = self._error(xp, h_mean, has, st, batch.step)
+        target, active, err, moved, h_ref, has_ref = self._error(xp, h_mean, has, st, batch.step)
         c = self.calibration_of(xp, st.cal_num, st.cal_den)
-        p0, spread = p_up + p_down, p_up - p_down
-        want = (self.gain * err + integral) / c
-        s_lo, s_hi = max(self.w_min - 1.0, 1.0 - self.w_max), min(self.w_max - 1.0, 1.0 - self.w_min)
-        pos = spread > 0
-        s = xp.clip((want - p0) / xp.where(pos, spread, xp.ones_like(spread)), s_lo, s_hi)
-        s = xp.where(active & pos, s, xp.zeros_like(s))
-        w_up, w_down = 1.0 + s, 1.0 - s
-        predicted = w_up * p_up + w_down * p_down
-        up = in_q["pos_low"] | in_q["neg_high"]
-        down = in_q["pos_high"] | in_q["neg_low"]
-        weight = _per_token(xp, valid, t, [(up, w_up), (down, w_down)])
-        metrics = {"target": target, "entropy_mean": h_mean, "error": err, "integral": integral,
-                   "calibration": c, "predicted_dh": predicted, "predicted_dh_unweighted": p0}  # fmt: skip
-        for q in QUADRANTS:
-            metrics[f"w_{q}"] = w_up if q in _UP else w_down
+        want = (self.gain * err + st.integral) / c
+        coast = (want * p0 > 0) & (xp.abs(p0) <= xp.abs(want))
+        if not self.accelerate:
+            want = xp.where(coast, p0, want)
+        metrics = {"target": target, "entropy_mean": h_mean, "error": err, "calibration": c,
+                   "predicted_dh_unweighted": p0}  # fmt: skip
+        if self.actuator == "bonus":
+            q = total(per_tok(ss * (logp + batch.entropy)))
+            pos = q > 0
+            k = xp.clip((want - p0) / xp.where(pos, q, xp.ones_like(q)), self.coef_min, self.coef_max)
+            k = xp.where(active & pos, k, xp.zeros_like(k))
+            stuck = (k <= self.coef_min) | (k >= self.coef_max) | ~pos
+            predicted = p0 + k * q
+            k_tok = xp.expand_dims(xp.expand_dims(k, axis=-1), axis=-1)
+            out = {"keep": valid, "adv": adv, "entropy_coef": xp.where(valid, xp.zeros_like(t) + k_tok,
+                                                                       xp.zeros_like(t))}  # fmt: skip
+            metrics |= {"coef": k, "bonus_gain": q}
+        else:
+            s_lo, s_hi = max(self.w_min - 1.0, 1.0 - self.w_max), min(self.w_max - 1.0, 1.0 - self.w_min)
+            spread = p_up - p_down
+            pos = spread > 0
+            s = xp.clip((want - p0) / xp.where(pos, spread, xp.ones_like(spread)), s_lo, s_hi)
+            s = xp.where(active & pos, s, xp.zeros_like(s))
+            stuck = (s <= s_lo) | (s >= s_hi) | ~pos
+            w_up, w_down = 1.0 + s, 1.0 - s
+            predicted = w_up * p_up + w_down * p_down
+            up = in_q["pos_low"] | in_q["neg_high"]
+            down = in_q["pos_high"] | in_q["neg_low"]
+            weight = _per_token(xp, valid, t, [(up, w_up), (down, w_down)])
+            out = {"keep": valid, "adv": adv, "weight": weight}
+            metrics |= {f"w_{q}": (w_up if q in _UP else w_down) for q in QUADRANTS}
+        if not self.accelerate:
+            stuck = stuck | coast
+        integral = xp.where(active & ~stuck, moved, st.integral)
+        metrics |= {"integral": integral, "predicted_dh": predicted}
         new = (integral, st.cal_num, st.cal_den, h_ref, has_ref, xp.where(has, predicted, st.predicted))
-        return RuleOutput(keep=valid, adv=adv, weight=weight, metrics=metrics, state=new)
+        return RuleOutput(**out, metrics=metrics, state=new)
 
 
 def entropy_target_feedback(state, measured_dh, predicted_dh=None, *, ema: float = 0.9):

@@ -50,7 +50,9 @@ class EntropyBonus(Rule):
     * ``adaptive=True`` (target-entropy controller, TRL/Skywork-OR1): the state ``c`` starts at ``coef``;
       the bonus applies only while the batch's mean entropy is ``<= target``; after each call
       ``c ← clip(c + delta, coef_min, coef_max)`` if the mean entropy is ``<= target``, else ``c - delta``.
-      The state is a 0-d array passed back in (``state=``), so no host sync. Known difference: TRL
+      The state is a 0-d array passed back in (``state=``), so no host sync. The target may follow a
+      schedule of its own (``target_schedule``: ``"linear"`` / ``"cosine"`` from ``target`` to
+      ``final_target`` over ``total_steps``, the shapes above); TRL's is constant. Known difference: TRL
       gates with the *previous* step's entropy (it learns the current one inside the loss); here the
       batch's own entropy, known before the loss, gates and updates.
 
@@ -64,6 +66,8 @@ class EntropyBonus(Rule):
     total_steps: int | None = None
     adaptive: bool = False
     target: float = 0.2
+    target_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    final_target: float | None = None
     delta: float = 0.005
     coef_min: float = 0.0
     coef_max: float = 1.0
@@ -77,12 +81,23 @@ class EntropyBonus(Rule):
             raise ValueError(f"schedule {self.schedule!r} needs total_steps > 0, got {self.total_steps!r}")
         if self.adaptive and self.schedule != "constant":
             raise ValueError("adaptive=True replaces the schedule; use schedule='constant'")
+        if self.target_schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"target_schedule must be 'constant', 'linear' or 'cosine', "
+                             f"got {self.target_schedule!r}")  # fmt: skip
+        if self.target_schedule != "constant" and not (self.total_steps and self.total_steps > 0):
+            raise ValueError(f"target_schedule {self.target_schedule!r} needs total_steps > 0, "
+                             f"got {self.total_steps!r}")  # fmt: skip
         if not self.coef_min <= self.coef_max:
             raise ValueError(f"coef_min must be <= coef_max, got {self.coef_min!r} > {self.coef_max!r}")
 
     def coef_at(self, step: int) -> float:
         """The scheduled coefficient at ``step`` (a python float; the adaptive state is separate)."""
         return scheduled(self.schedule, self.coef, self.final_coef, step, self.total_steps)
+
+    def target_at(self, step: int) -> float:
+        """The adaptive controller's target entropy at ``step`` (``target_schedule``)."""
+        final = self.target if self.final_target is None else self.final_target
+        return scheduled(self.target_schedule, self.target, final, step, self.total_steps)
 
     def apply(self, batch, *, noise, state):
         xp = batch.xp
@@ -105,7 +120,7 @@ class EntropyBonus(Rule):
             c = xp.broadcast_to(c, lead) if c.ndim == 0 else c
         h_mean = metric(xp, masked_mean(xp, H, valid))  # (...)
         has = metric(xp, count(xp, valid, zeros)) > 0  # an empty batch neither applies nor updates
-        low = (h_mean <= self.target) & has
+        low = (h_mean <= self.target_at(batch.step)) & has
         applied = xp.where(low, c, xp.zeros_like(c))
         step = xp.where(low, xp.zeros_like(c) + self.delta, xp.zeros_like(c) - self.delta)
         new_c = xp.where(has, xp.clip(c + step, self.coef_min, self.coef_max), c)
