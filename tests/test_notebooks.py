@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 SOURCES = sorted(NB_DIR.glob("[0-9][0-9]_*.py"))
 LIBRARY_MODULES = ("theory", "theory.rules", "toy", "toy.bandit", "toy.grpo", "toy.run", "toy.experiments",
-                   "toy.demo", "toy.progress", "scale.config", "scale.train", "scale.plot",
+                   "toy.control", "toy.demo", "toy.progress", "scale.config", "scale.train", "scale.plot",
                    "scale.metrics_log")
 LIBRARY_PACKAGES = ("theory", "toy", "scale")
 EXPECTED = 6  # notebooks 1-6

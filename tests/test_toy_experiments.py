@@ -49,7 +49,7 @@ def test_quadrants_quick_meets_sign_agreement(tmp_path):
     assert _summary(tmp_path)["quadrant_sign_agreement"] >= 0.95
 
 
-@pytest.mark.parametrize("name", ["rules", "stages", "shaping", "coupling"])
+@pytest.mark.parametrize("name", ["rules", "stages", "shaping", "coupling", "control"])
 def test_other_experiments_write_their_files(tmp_path, name):
     res = run_experiment(name, tmp_path, quick=True, progress=False, runs=2, steps=12, echo=False)
     s = _summary(tmp_path)
@@ -69,6 +69,26 @@ def test_coupling_tabular_prediction_is_exact_only_for_the_tabular_policy(tmp_pa
     for k in ("linear d=8", "linear d=64"):
         assert r[k]["r2_param_first"] > 0.99  # the parameter-space first order stays exact
         assert r[k]["r2_tabular"] < r[k]["r2_param_first"] - 0.1  # the tabular one does not
+
+
+def test_control_reports_every_method_and_the_predictive_one_holds_the_target(tmp_path):
+    run_experiment("control", tmp_path, quick=True, progress=False, runs=6, steps=40, echo=False)
+    s = _summary(tmp_path)
+    methods = ("none", "adaptive_bonus", "pi_weights", "predictive", "predictive_weights")
+    assert set(s["targets"]) == {"80%", "50%", "decay 90%→40%"} and s["results"] == s["targets"]["80%"]
+    for tname, res in s["targets"].items():
+        assert set(res) == set(methods)
+        for m in methods:
+            for k in ("tracking_error", "reward", "pass_at_8", "overshoot"):
+                assert len(res[m][k]) == 2 and np.isfinite(res[m][k]).all(), (tname, m, k)
+        c = s["comparison"][tname]
+        assert c["best_reactive"] in ("adaptive_bonus", "pi_weights")
+        want = res["predictive"]["tracking_error"][0] / res[c["best_reactive"]]["tracking_error"][0]
+        assert c["tracking_ratio"] == pytest.approx(want)
+    r = s["results"]  # 80 %: plain GRPO falls far below the target, the predictive controller does not
+    assert r["predictive"]["overshoot"][0] < 0.25 * r["none"]["overshoot"][0]
+    assert r["predictive"]["tracking_error"][0] < r["none"]["tracking_error"][0]
+    assert len(s["chosen"]["80%"]["adaptive_bonus"]["tried"]) == 3
 
 
 def test_cli_toy_runs_an_experiment_and_rejects_unknown_names(tmp_path, capsys):

@@ -33,6 +33,9 @@ Experiments (:data:`EXPERIMENTS`):
 ``coupling``
     Tabular vs shared-feature linear policy: the tabular (E6-sum) prediction against the exact
     parameter-space first-order prediction and the realised change.
+``control``
+    Holding a target entropy (80 % and 50 % of the initial one, a decaying schedule): no control, the
+    adaptive bonus, EntroPIC-style PI weights and the predictive controller (:mod:`toy.control`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -52,39 +55,17 @@ from theory.reporting import write_report
 from theory.rules import StageDetector, make_rule
 
 from .bandit import Bandit
+from .control import control
 from .grpo import GRPOConfig, init_state, step
 from .plotting import band, pyplot, save_figure
-from .report import compare_outcomes, final, format_table, loglog_slope, pm, r2
+from .report import ExperimentResult, Size, compare_outcomes, final, format_table, loglog_slope, pm, r2
+from .report import lr_per_state as _lr
+from .report import size as _size
 from .run import History, mean_ci, train
 
 __all__ = ["EXPERIMENTS", "ExperimentResult", "run_experiment", "format_table", "main"]
 
 PREDICTED_SIGN = QUADRANT_DH_SIGN  # the quadrant table (docs/equations.md §4)
-
-
-@dataclass
-class ExperimentResult:
-    name: str
-    summary: dict
-    curves: dict
-    figures: list[str] = field(default_factory=list)
-    table: list[list[str]] = field(default_factory=list)  # first row: header
-
-
-@dataclass(frozen=True)
-class Size:
-    runs: int
-    steps: int
-
-
-def _size(quick: bool, quick_size: Size, full_size: Size, runs: int | None, steps: int | None) -> Size:
-    s = quick_size if quick else full_size
-    return Size(runs or s.runs, steps or s.steps)
-
-
-def _lr(eta: float, bandit: Bandit) -> float:
-    M, T, _ = bandit.shape
-    return eta * M * T
 
 
 def _outcome_figure(hist: dict[str, History], *, entropy_title: str, reward_label: str):
@@ -479,6 +460,7 @@ EXPERIMENTS: dict[str, Callable[..., ExperimentResult]] = {
     "stages": stages,
     "shaping": shaping,
     "coupling": coupling,
+    "control": control,
 }
 
 

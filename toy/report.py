@@ -1,6 +1,7 @@
 """Reporting helpers of the toy experiments (:mod:`toy.experiments`) and the demo (:mod:`toy.demo`):
-the mean ± CI cells of the comparison tables. The generic pieces (fit statistics, markdown tables, strict
-JSON) live in :mod:`theory.reporting`, shared with the real-model experiments, and are re-exported here.
+the result type and sizes of an experiment and the mean ± CI cells of the comparison tables. The generic
+pieces (fit statistics, markdown tables, strict JSON) live in :mod:`theory.reporting`, shared with the
+real-model experiments, and are re-exported here.
 
 No plotting (:mod:`toy.plotting`) and no state.
 """
@@ -8,13 +9,45 @@ No plotting (:mod:`toy.plotting`) and no state.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from theory.reporting import format_table, jsonable, loglog_slope, pm, r2
 
+from .bandit import Bandit
 from .run import History, mean_ci
 
-__all__ = ["r2", "loglog_slope", "pm", "final", "outcome", "outcome_header", "outcome_cells",
+__all__ = ["ExperimentResult", "Size", "size", "lr_per_state",
+           "r2", "loglog_slope", "pm", "final", "outcome", "outcome_header", "outcome_cells",
            "compare_outcomes", "format_table", "jsonable"]
+
+
+@dataclass
+class ExperimentResult:
+    """What a toy experiment returns (:mod:`toy.experiments`): the summary, curves, figures and table."""
+
+    name: str
+    summary: dict
+    curves: dict
+    figures: list[str] = field(default_factory=list)
+    table: list[list[str]] = field(default_factory=list)  # first row: header
+
+
+@dataclass(frozen=True)
+class Size:
+    runs: int
+    steps: int
+
+
+def size(quick: bool, quick_size: Size, full_size: Size, runs: int | None, steps: int | None) -> Size:
+    """The experiment's quick or full size, with the command line's ``runs`` / ``steps`` if given."""
+    s = quick_size if quick else full_size
+    return Size(runs or s.runs, steps or s.steps)
+
+
+def lr_per_state(eta: float, bandit: Bandit) -> float:
+    """The learning rate ``eta * M * T``: ``eta`` per state under the token-mean loss."""
+    M, T, _ = bandit.shape
+    return eta * M * T
 
 
 def final(h: History, key: str, last: int = 10) -> tuple[float, float]:
