@@ -330,8 +330,9 @@ def _add_llm(sub) -> None:
         help="paper 1's checks on a real model through the trainer (quadrants, first-order, ...)",
         description=(
             "Run named real-model experiments through the GRPO trainer: quadrants, first-order, "
-            "attribution, rules; 'all' runs every one (into DIR/<name>), 'list' lists them. Each writes "
-            "summary.json, curves.json, PNG figures and table.md into DIR (scale/llm.py, docs/llm.md)."
+            "attribution, rules, control; 'all' runs every one (into DIR/<name>), 'list' lists them. "
+            "Each writes summary.json, curves.json, PNG figures and table.md into DIR (scale/llm.py, "
+            "docs/llm.md)."
         ),
     )
     llm.add_argument("names", nargs="+", metavar="NAME", help="experiment name(s), 'all' or 'list'")

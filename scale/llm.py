@@ -28,6 +28,9 @@ Like the toy's, each experiment writes ``summary.json``, ``curves.json``, PNG fi
 ``rules``
     Plain GRPO vs Clip_B, Clip_V, Clip-Cov, KL-Cov, an entropy bonus and clip-higher on the same seeds:
     entropy, reward and held-out pass@k curves (mean ± 95 % CI over seeds) and the rules' clip fractions.
+``control``
+    Holding 80 % of the first batch's entropy: no control, the adaptive bonus, PI weights and the
+    predictive controller (:mod:`scale.llm_control`).
 
 Sizes: ``--quick`` is a small version for CI (``--model tiny``: seconds); the defaults are sized so that
 ``quadrants`` and ``first-order`` take minutes on 2 CPU cores with SmolLM2-135M (``docs/llm.md``).
@@ -456,7 +459,8 @@ def rules(opts: Options, out: Path) -> Result:
             run_dir = out / "runs" / f"{name}-seed{opts.seed + s}"
             ev = {"eval_every": max(1, steps // 3), "eval_k": k, "eval_problems": 8 if opts.quick else 16}
             cfg = _config(opts, run_dir, seed=opts.seed + s, rule=spec, steps=steps, loss=loss,
-                          diag={"diag_every": 0}, eval=ev)  # fmt: skip
+                          diag={"diag_every": 0}, eval=ev,
+                          run={"progress": "log" if opts.progress else "off"})  # fmt: skip
             train(cfg, reward_fn=opts.reward_fn())
             per_seed.append(read_metrics(run_dir))
             _say(opts, f"llm rules: {name} seed {opts.seed + s}: {steps} steps in "
@@ -519,7 +523,14 @@ EXPERIMENTS: dict[str, Callable[[Options, Path], Result]] = {
     "first-order": first_order,
     "attribution": attribution,
     "rules": rules,
+    "control": lambda opts, out: _control(opts, out),
 }
+
+
+def _control(opts: Options, out: Path) -> Result:
+    from .llm_control import control  # its own module (it imports this one)
+
+    return control(opts, out)
 
 
 def run_experiment(name: str, out: str | Path, opts: Options, *, echo: bool = True) -> Result:

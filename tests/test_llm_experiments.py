@@ -126,3 +126,21 @@ def test_seeds_without_signal_are_replaced():
     always: list[int] = []
     tried = [s for s in _seeds(Options(), 2, always) if always.append(s) is None]
     assert tried == list(range(6))  # 3 n tries, then it stops with fewer than n
+
+
+def test_control_keys_and_the_calibration_feedback(tmp_path):
+    from scale.metrics_log import read_metrics
+
+    summary, curves = run(tmp_path, "control", "--steps", "3")
+    assert summary["steps"] == 3 and summary["seeds"] == 1 and summary["target_fraction"] == 0.8
+    for name in ("none", "adaptive_bonus", "pi_weights", "predictive"):
+        for key in ("tracking_error", "overshoot", "reward", "pass_at_4", "final_entropy"):
+            assert len(summary["results"][name][key]) == 2, (name, key)
+        assert len(curves[name]["entropy"]) == 3
+    h1 = curves["none"]["entropy"][0][0]
+    assert summary["targets"] == [pytest.approx(0.8 * h1, rel=1e-5)]
+    rows = read_metrics(tmp_path / "control" / "runs" / "predictive-seed0")
+    cal = [r["rule/calibration"] for r in rows]
+    assert cal[0] == 1.0 and cal[-1] != 1.0  # the diagnosed steps fed the measured change back
+    pi = read_metrics(tmp_path / "control" / "runs" / "pi_weights-seed0")
+    assert all(r["rule/w_pos"] > 1.0 for r in pi)  # above the target: the positive samples weigh more
