@@ -19,8 +19,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 REC = HERE / "llm"
-ORDER = ("quadrants", "first-order", "attribution", "rules")
-KEEP = ("summary.json", "table.md", "curves.json", "machine.txt")
+ORDER = ("quadrants", "first-order", "attribution", "rules", "control")
+KEEP = ("summary.json", "table.md", "curves.json", "machine.txt", "command.txt")
 
 INTRO = """# The theory on a real LLM: `entdyn llm` on SmolLM2-135M-Instruct
 
@@ -55,9 +55,40 @@ linear in the tokens and the parts sum to the full JVP up to float32 rounding (`
 AdamW (its first step is about lr * sign(g)) they do not (`sum_gap_adamw`). `summary.json` also has
 `quadrant_share_of_dH`, each quadrant's part of the change pooled over seeds (as the toy's
 `quadrant_share_of_dH` of `entdyn toy collapse`, which pools over steps and runs).""",
-    "rules": """Plain GRPO against the entropy-control rules on the same seeds (entropy, reward, held-out
-pass@k; mean ± 95% CI over seeds).""",
+    "rules": """Plain GRPO against the entropy-control rules on the same seeds: per rule and seed one
+run from the model as loaded (every run's first batch is the same for a seed). Entropy and reward are
+the batch means of the last third of the steps, pass@4 the held-out pass@4 (16 problems, 4 samples) after
+the last step, the clip fraction the mean share of tokens a rule (or the ratio clip) touched; mean ± 95%
+CI over seeds. The rules run at their LLM defaults (`docs/rules.md`); clip-higher is `--clip-high 0.28`.
+Toy counterpart: `entdyn toy rules` (docs/toy.md).""",
+    "control": """Holding a target entropy on the real model (issue 17; the toy's `control` in
+docs/toy.md): 80 % of the entropy of the seed's first batch, held by no control, TRL's adaptive entropy
+bonus, EntroPIC-style PI weights and the predictive `entropy_target` (bonus actuator, defaults; the
+calibration fed with the measured change every 4th step, the trainer's diagnostic steps). The reactive
+baselines use the toy's best settings, not tuned here.""",
 }
+
+
+def _overlap(a, b) -> int:
+    """-1 / +1 if the interval ``a = [mean, half]`` lies wholly below / above ``b``, else 0."""
+    if a[0] + a[1] < b[0] - b[1]:
+        return -1
+    return 1 if a[0] - a[1] > b[0] + b[1] else 0
+
+
+def _rules_extra(s: dict) -> str:
+    """Plain statements, per rule, of its entropy and reward against plain GRPO (95% intervals)."""
+    res, base = s["results"], s["results"]["grpo"]
+    words = {-1: "below", 0: "not distinguishable from", 1: "above"}
+    lines = []
+    for name, r in res.items():
+        if name == "grpo":
+            continue
+        h, w = _overlap(r["entropy"], base["entropy"]), _overlap(r["reward"], base["reward"])
+        lines.append(f"* `{name}`: entropy {r['entropy'][0]:.3f} vs {base['entropy'][0]:.3f} — {words[h]} "
+                     f"GRPO's; reward {r['reward'][0]:.3f} vs {base['reward'][0]:.3f} — {words[w]} GRPO's.")
+    return (f"\n\nAgainst plain GRPO ({s['seeds']} seeds x {s['steps']} steps; \"above\" / \"below\": "
+            "the 95% intervals do not overlap):\n\n" + "\n".join(lines))
 
 
 def _machine(log: Path) -> str:
@@ -83,6 +114,8 @@ def _copy(src_root: Path) -> None:
             if f.name in KEEP or f.suffix == ".png":
                 shutil.copy2(f, dst / f.name)
         (dst / "machine.txt").write_text(_machine(src_root / f"{name}.log") + "\n")
+        if (src_root / f"{name}.cmd").is_file():  # the command line, for runs older than summary["command"]
+            shutil.copy2(src_root / f"{name}.cmd", dst / "command.txt")
 
 
 def _section(name: str) -> str:
@@ -126,8 +159,16 @@ def _section(name: str) -> str:
                  f"those that raise it {', '.join(up) or 'none'}; the full change "
                  f"({s['sgd']['full'][0]:+.2e} nats) is their small net. Pooled shares (SGD): "
                  + ", ".join(f"{q} {v:+.2f}" for q, v in s["quadrant_share_of_dH"].items()) + ".")
+    if name == "rules":
+        extra = _rules_extra(s)
+    if name == "control":
+        c = s["comparison"]
+        extra = (f"\n\nThe predictive controller's tracking error is {c['tracking_ratio']:.2f}x that of the "
+                 f"better reactive baseline here (`{c['best_reactive']}`), its reward "
+                 f"{c['reward_difference']:+.3f} against it ({s['seeds']} seed(s) x {s['steps']} steps).")
     figs = "\n".join(f"![{name}](llm/{name}/{f})" for f in s.get("figures", []))
-    cmd = f"entdyn llm {name} --model {s['model']}" + (" --quick" if s.get("quick") else "")
+    cmd = s.get("command") or ((d / "command.txt").read_text().strip() if (d / "command.txt").is_file()
+                               else f"entdyn llm {name} --model {s['model']}")  # fmt: skip
     return (f"## `{name}`\n\n{PROSE[name]}{extra}\n\n`{cmd}` — wall time {s['wall_s'] / 60:.1f} min; "
             f"machine: {machine}.\n\n{table}\n\n{figs}\n")
 

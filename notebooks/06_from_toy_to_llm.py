@@ -451,7 +451,8 @@ assert np.abs(rm - rj).sum() < 0.25 * np.abs(rm).sum()
 #
 # `entdyn llm` (`scale/llm.py`) repeats the toy's experiments on SmolLM2-135M through this same trainer:
 # `quadrants` (one update per quadrant, on one identical batch per seed), `first-order` (a run of
-# diagnosed steps and a learning-rate sweep) and `attribution` (each quadrant's share of the JVP). Those
+# diagnosed steps and a learning-rate sweep), `attribution` (each quadrant's share of the JVP), `rules`
+# (GRPO vs the entropy-control rules) and `control` (holding a target entropy, notebook 4 §5). Those
 # runs take minutes to hours on a CPU, so this section only loads what they recorded in `docs/llm/`
 # (`docs/llm.md` has the commands, machine and wall times); `entdyn llm quadrants --model tiny --quick`
 # runs the same code on the tiny model in seconds.
@@ -477,6 +478,15 @@ if "attribution" in recorded:
     a = recorded["attribution"]
     shares = ", ".join(f"{k} {v:+.2f}" for k, v in a["quadrant_share_of_dH"].items())
     print(f"attribution (SGD): {shares}; sum gap SGD {a['sum_gap_sgd']:.1e}, AdamW {a['sum_gap_adamw']:.1e}")
+if "rules" in recorded:
+    r = recorded["rules"]
+    print(f"rules ({r['seeds']} seeds x {r['steps']} steps): "
+          + "; ".join(f"{k} H {v['entropy'][0]:.2f} reward {v['reward'][0]:.2f}"
+                      for k, v in r["results"].items()))
+if "control" in recorded:
+    c = recorded["control"]
+    print(f"control (hold {c['target_fraction']:.0%} of the first batch's entropy): tracking error "
+          + ", ".join(f"{k} {v['tracking_error'][0]:.3f}" for k, v in c["results"].items()))
 for name, summ in recorded.items():
     for fig in summ.get("figures", []):
         display(Image(filename=str(LLM_DOCS / name / fig)))

@@ -72,6 +72,18 @@ class Options:
     task: str = TASK
     reward: str = "auto"
 
+    def command(self, name: str) -> str:
+        """The ``entdyn llm`` command line that runs experiment ``name`` with these options."""
+        parts = ["entdyn", "llm", name, "--model", self.model]
+        flags = (("--seeds", self.seeds, None), ("--steps", self.steps, None), ("--lr", self.lr, None),
+                 ("--seed", self.seed, 0), ("--device", self.device, "cpu"),
+                 ("--threads", self.threads, None), ("--task", self.task, TASK),
+                 ("--reward", self.reward, "auto"))  # fmt: skip
+        for flag, value, default in flags:
+            if value != default:
+                parts += [flag, str(value)]
+        return " ".join(parts + (["--quick"] if self.quick else []))
+
     def reward_fn(self) -> Callable[[str, Any], float] | None:
         """The reward: ``task`` = the task's own correctness reward; ``digits`` = the share of digit
         characters in the completion (dense: any model, even a random one, gets a spread of rewards);
@@ -550,8 +562,8 @@ def run_experiment(name: str, out: str | Path, opts: Options, *, echo: bool = Tr
     res = EXPERIMENTS[name](opts, out)
     wall = time.perf_counter() - t0
     res.summary = {"experiment": name, "model": opts.model, "quick": opts.quick, "seed": opts.seed,
-                   "task": opts.task, "wall_s": round(wall, 2), "figures": res.figures,
-                   **res.summary}  # fmt: skip
+                   "task": opts.task, "lr": opts.lr, "command": opts.command(name), "wall_s": round(wall, 2),
+                   "figures": res.figures, **res.summary}  # fmt: skip
     title = f"llm experiment `{name}` ({opts.model})"
     table = rep.write_report(out, title, res.summary, res.curves, res.table)
     if echo:

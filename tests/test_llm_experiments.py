@@ -34,6 +34,8 @@ def run(tmp_path, name: str, *extra: str) -> tuple[dict, dict]:
     for fig in summary["figures"]:
         assert (out / fig).stat().st_size > 10_000, fig
     assert summary["experiment"] == name and summary["model"] == "tiny" and summary["quick"] is True
+    cmd = summary["command"]
+    assert cmd.startswith(f"entdyn llm {name} --model tiny") and cmd.endswith("--quick"), cmd
     return summary, curves
 
 
