@@ -83,8 +83,7 @@ def _result(rows: dict[str, list[list[dict]]], targets: np.ndarray, steps: int, 
         R = np.stack([_col(r, "reward/mean") for r in per_seed], axis=1)
         pk = np.array([_col(r, f"eval/pass@{k}")[-1] for r in per_seed])
         per = {
-            "tracking_error": np.nanmean(np.abs(H[warm:] - targets), axis=0),
-            "overshoot": np.maximum(0.0, np.nanmax(targets - H, axis=0)),
+            **rep.tracking(H, targets, warm),
             "reward": np.nanmean(R[-last:], axis=0),
             f"pass_at_{k}": pk,
             "final_entropy": np.nanmean(H[-last:], axis=0),
@@ -94,12 +93,8 @@ def _result(rows: dict[str, list[list[dict]]], targets: np.ndarray, steps: int, 
         if method in _ACTUATOR:
             curves[method]["actuator"] = np.stack([_col(r, _ACTUATOR[method]) for r in per_seed], axis=1)
         table.append([method, *[rep.pm(*results[method][key]) for key in per]])
-    best = min(("adaptive_bonus", "pi_weights"), key=lambda m: results[m]["tracking_error"][0])
-    comparison = {
-        "best_reactive": best,
-        "tracking_ratio": results["predictive"]["tracking_error"][0] / results[best]["tracking_error"][0],
-        "reward_difference": results["predictive"]["reward"][0] - results[best]["reward"][0],
-    }
+    comparison = rep.compare_to_best(results, "predictive", ("adaptive_bonus", "pi_weights"))
+    best = comparison["best_reactive"]
     table.append([f"predictive / {best}", f"× {comparison['tracking_ratio']:.2f}", "",
                   f"{comparison['reward_difference']:+.3f}", "", ""])  # fmt: skip
     summary = {"seeds": len(targets), "steps": steps, "target_fraction": TARGET_FRACTION,

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["t_quantile_975", "mean_ci", "r2", "loglog_slope", "median_iqr", "pm", "format_table", "jsonable",
-           "write_report", "pyplot", "band", "save_figure"]
+__all__ = ["t_quantile_975", "mean_ci", "r2", "loglog_slope", "median_iqr", "tracking", "compare_to_best",
+           "pm", "format_table", "jsonable", "write_report", "pyplot", "band", "save_figure"]
 
 # two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30 (then the normal 1.96 is within 2%)
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
@@ -90,6 +90,26 @@ def median_iqr(x: np.ndarray) -> tuple[float, float, float]:
         return float("nan"), float("nan"), float("nan")
     q25, q50, q75 = np.percentile(x, [25, 50, 75])
     return float(q50), float(q25), float(q75)
+
+
+def tracking(H: np.ndarray, target: np.ndarray, warm: int) -> dict[str, np.ndarray]:
+    """Per-run scores of holding a target entropy (issue 17). ``H``: ``(S, R)`` entropies (steps x runs);
+    ``target``: broadcastable to ``H`` (``(S, 1)`` a schedule, ``(R,)`` one value per run).
+    ``tracking_error`` = mean ``|H - H*|`` over the steps from ``warm`` on; ``overshoot`` =
+    ``max(0, max_t H*_t - H_t)``, how far below the target the entropy fell at worst. ``(R,)`` each."""
+    H = np.asarray(H, dtype=np.float64)
+    target = np.broadcast_to(np.asarray(target, dtype=np.float64), H.shape)
+    return {"tracking_error": np.nanmean(np.abs(H[warm:] - target[warm:]), axis=0),
+            "overshoot": np.maximum(0.0, np.nanmax(target - H, axis=0))}
+
+
+def compare_to_best(results: dict, method: str, rivals: tuple[str, ...]) -> dict:
+    """``method`` against the rival with the smallest mean ``tracking_error`` in ``results`` (each entry
+    ``{key: [mean, ci]}``): the rival's name, the ratio of tracking errors and the reward difference."""
+    best = min(rivals, key=lambda m: results[m]["tracking_error"][0])
+    a, b = results[method], results[best]
+    return {"best_reactive": best, "tracking_ratio": a["tracking_error"][0] / b["tracking_error"][0],
+            "reward_difference": a["reward"][0] - b["reward"][0]}
 
 
 def pm(m: float, h: float, spec: str = ".3f") -> str:

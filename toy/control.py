@@ -32,7 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+from theory.reporting import compare_to_best, tracking
 from theory.rules import make_rule
+from theory.rules.entropy_control import scheduled
 
 from .bandit import Bandit
 from .grpo import GRPOConfig
@@ -69,12 +71,9 @@ REACTIVE = ("adaptive_bonus", "pi_weights")
 
 
 def target_curve(name: str, h0: float, steps: int) -> np.ndarray:
-    """The target ``H*_t`` of ``TARGETS[name]`` at steps ``0 .. steps-1`` (nats), as the rules compute it."""
+    """The target ``H*_t`` of ``TARGETS[name]`` at steps ``0 .. steps-1`` (nats), the rules' schedule."""
     schedule, a, b = TARGETS[name]
-    s = np.clip(np.arange(steps) / steps, 0.0, 1.0)
-    if schedule == "constant":
-        return np.full(steps, a * h0)
-    return h0 * (b + (a - b) * (1 + np.cos(np.pi * s)) / 2)
+    return np.array([scheduled(schedule, a * h0, b * h0, t, steps) for t in range(steps)])
 
 
 def _scores(h: History, target: np.ndarray, G: int) -> dict[str, tuple[float, float]]:
@@ -82,8 +81,7 @@ def _scores(h: History, target: np.ndarray, G: int) -> dict[str, tuple[float, fl
     S = H.shape[0]
     warm, last = S // 5, max(1, S // 5)
     per_run = {
-        "tracking_error": np.abs(H[warm:] - target[warm:, None]).mean(axis=0),
-        "overshoot": np.maximum(0.0, (target[:, None] - H).max(axis=0)),
+        **tracking(H, target[:, None], warm),
         "reward": h.curves["reward"][-last:].mean(axis=0),
         f"pass_at_{G}": h.curves[f"pass_at_{G}"][-last:].mean(axis=0),
         "final_entropy": H[-last:].mean(axis=0),
@@ -125,13 +123,7 @@ def control(out: Path, *, quick: bool, seed: int, progress: bool, runs=None, ste
             chosen.setdefault(tname, {})[method] = {
                 "spec": best[1], "tried": {sp: sc["tracking_error"][0] for sc, sp, _ in tried}}
         targets[tname] = {m: {k: list(v) for k, v in r.items()} for m, r in res.items()}
-        best_reactive = min(REACTIVE, key=lambda m: res[m]["tracking_error"][0])
-        pred, react = res["predictive"], res[best_reactive]
-        comparison[tname] = {
-            "best_reactive": best_reactive,
-            "tracking_ratio": pred["tracking_error"][0] / react["tracking_error"][0],
-            "reward_difference": pred["reward"][0] - react["reward"][0],
-        }
+        comparison[tname] = compare_to_best(res, "predictive", REACTIVE)
     summary = {"h0": h0, "config": {"bandit": repr(b), "base": repr(base)}, "results": targets["80%"],
                "targets": targets, "comparison": comparison, "chosen": chosen}  # fmt: skip
     table = [["target", "method", "tracking error |H − H*|", "overshoot", "reward", f"pass@{G}", "final H"]]
