@@ -105,10 +105,12 @@ CASES = {
         0,
         None,
     ),
-    "entropy_target": (EntropyTarget(schedule="constant", target=10.0), 0, None),  # below: the bonus is on
+    # accelerate: act even where this input's drift already moves toward the target (the brake would idle)
+    "entropy_target": (EntropyTarget(schedule="constant", target=10.0, accelerate=True), 0, None),
     "entropy_target_weights": (EntropyTarget(schedule="constant", target=2.0, actuator="weights"), 0, None),
     "entropy_target_linear_s_star": (
-        EntropyTarget(schedule="linear", target=2.0, total_steps=100, by="s_star"),
+        EntropyTarget(schedule="linear", target=10.0, final_target=2.0, total_steps=100, by="s_star",
+                      accelerate=True),
         30,
         None,
     ),
