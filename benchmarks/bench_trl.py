@@ -119,17 +119,18 @@ def _child_trl(args, out: dict) -> None:
 def _child_ours(args, out: dict) -> None:
     import scale.train as st
     from scale.flags import config_from_dict
+    from scale.metrics_log import MetricsLogger
 
     steps: list[dict] = []
     marks: list[tuple[float, float]] = []
-    orig_log = st.MetricsLogger.log
+    orig_log = MetricsLogger.log
 
     def log(self, step, floats):
         marks.append((time.perf_counter(), time.process_time()))
         steps.append({k: v for k, v in floats.items() if k.startswith("time/")} | {"rss_gb": _rss_gb()})
         return orig_log(self, step, floats)
 
-    st.MetricsLogger.log = log
+    MetricsLogger.log = log
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config_from_dict({
             "model": {"name": args.model},

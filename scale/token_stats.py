@@ -15,10 +15,9 @@ the backward.
 How (a custom :class:`torch.autograd.Function`, ``_ChunkedTokenStats``):
 
 * forward: per chunk, ``z_c = (h_c W^T + b) / τ`` in float32 (float64 if the inputs are float64), then
-  :func:`theory.log_softmax`, the target's log-prob, :func:`theory.entropy_from_logp`,
-  :func:`theory.s_star` and :func:`theory.vocab_baseline` on that chunk; only the ``(N,)`` results are
-  kept. Saved for backward: the inputs (``hidden``, ``weight``, ``bias``, ``target``, ``mask``) — no
-  vocabulary-sized activation.
+  :func:`theory.row_statistics` on that chunk (the target's log-prob, ``H``, ``S*``, ``E_p[S]`` in one
+  pass per row block); only the ``(N,)`` results are kept. Saved for backward: the inputs (``hidden``,
+  ``weight``, ``bias``, ``target``, ``mask``) — no vocabulary-sized activation.
 * backward: per chunk, ``z_c`` is recomputed and the gradient w.r.t. ``z_c`` comes from torch autograd
   through the same theory functions (``∂ log p_k/∂z = e_k − p`` and ``∂H/∂z = −S``, docs/equations.md
   §2.5, are not re-derived here); the linear layer's backward is applied by hand,
@@ -113,17 +112,13 @@ def logit_stats(z: torch.Tensor, target: torch.Tensor, *, entropy: bool = True, 
                 baseline: bool = False) -> tuple[torch.Tensor | None, ...]:
     """``(log p_k, H, S*, E_p[S])`` of rows of logits: ``z (n, V)``, ``target (n,)`` -> four ``(n,)`` or None.
 
-    The :mod:`theory` functions (E2, E7) on ``softmax(z)``; ``H`` is computed when ``entropy`` or
-    ``s_star`` asks for it. Shared by the chunked forward below and the sampler's per-step statistics
-    (:func:`scale.rollout.sample`). The ``(n, V)`` log-probabilities are freed before ``E_p[S]``.
+    :func:`theory.row_statistics` (E2, E7 on ``softmax(z)``): one pass per row block over ``z``, no
+    ``(n, V)`` log-probabilities. ``H`` is returned when ``entropy`` or ``s_star`` asks for it. Shared by
+    the chunked forward below and the sampler's per-step statistics (:func:`scale.rollout.sample`).
     """
-    logp_all = theory.log_softmax(z)  # (n, V)
-    lp = _take(logp_all, target)
-    H = theory.entropy_from_logp(logp_all) if (entropy or s_star) else None
-    S = theory.s_star(lp, H) if s_star else None
-    del logp_all
-    base = theory.vocab_baseline(z) if baseline else None
-    return lp, H, S, base
+    r = theory.row_statistics(z, target, baseline=baseline, check_k=False)  # targets in range by construction
+    H = r.entropy if (entropy or s_star) else None
+    return r.logp, H, r.s_star if s_star else None, r.baseline
 
 
 class _ChunkedTokenStats(torch.autograd.Function):

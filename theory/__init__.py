@@ -33,11 +33,13 @@ from .first_order import (
 )
 from .grpo import ADVANTAGE_PRESETS, effective_step_size, grpo_advantages
 from .metrics import pass_at_k
+from .rowstats import RowStatistics, row_statistics
 
 __all__ = [
     "ADVANTAGE_PRESETS",
     "QUADRANT_DH_SIGN",
     "QUADRANTS",
+    "RowStatistics",
     "deviation",
     "discriminator",
     "effective_step_size",
@@ -56,6 +58,7 @@ __all__ = [
     "pass_at_k",
     "prob_change_single_logit",
     "quadrant",
+    "row_statistics",
     "s_star",
     "sign_threshold",
     "softmax",

@@ -38,7 +38,6 @@ __all__ = [
     "check_index",
     "log_softmax_parts",
     "finite_logp",
-    "shifted_exp",
     "take_last",
     "broadcast_shape",
     "exclude_nonfinite",
@@ -128,19 +127,6 @@ def log_softmax_parts(xp, z: Array) -> Array:
     m = xp.where(xp.isfinite(m), m, nan)  # (..., 1); NaN marks an undefined row
     shifted = z - m  # (..., V); <= 0, -inf for masked logits
     return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
-
-
-def shifted_exp(xp, z: Array) -> tuple[Array, Array, Array]:
-    """``(s, e, log Z)`` with ``s = z - max z``, ``e = exp(s)``, ``Z = sum e`` over the last axis.
-
-    The shared first half of every softmax computation; ``log p = s - log Z`` and ``p = e / Z``.
-    Rows whose maximum is not finite are NaN (see :func:`log_softmax_parts`).
-    """
-    m = xp.max(z, axis=-1, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, float("nan"))  # (..., 1); NaN marks an undefined row
-    s = z - m  # (..., V); <= 0, -inf for masked logits
-    e = xp.exp(s)  # (..., V)
-    return s, e, xp.log(xp.sum(e, axis=-1, keepdims=True))
 
 
 def finite_logp(xp, logp: Array) -> Array:

@@ -15,13 +15,12 @@ from ._xp import (
     Array,
     as_float,
     broadcast_shape,
-    check_index,
     check_logits,
     finite_logp,
     log_softmax_parts,
     namespace,
-    take_last,
 )
+from .rowstats import row_statistics
 
 __all__ = [
     "discriminator",
@@ -144,8 +143,7 @@ def vocab_baseline(logits: Array) -> Array:
         >>> round(float(vocab_baseline(np.log(np.array([0.7, 0.2, 0.1])))), 4)
         0.1708
     """
-    xp, logp, p, lp, H = _stats(logits)
-    return xp.sum(p * p * (H + lp), axis=-1)
+    return row_statistics(logits, baseline=True).baseline
 
 
 def deviation(logits: Array, k: Array) -> Array:
@@ -171,11 +169,7 @@ def deviation(logits: Array, k: Array) -> Array:
         >>> np.round(deviation(np.stack([z, z]), np.array([0, 2])), 4)
         array([ 0.1408, -0.3209])
     """
-    xp, logp, p, lp, H = _stats(logits)
-    k = check_index(xp, k, logits)
-    S = p * (H + lp)  # (..., V)
-    baseline = xp.sum(p * S, axis=-1)  # (...)
-    return take_last(xp, S, k) - baseline
+    return row_statistics(logits, k, baseline=True).deviation
 
 
 def sign_threshold(logits: Array) -> Array:
@@ -198,8 +192,8 @@ def sign_threshold(logits: Array) -> Array:
         >>> round(float(sign_threshold(np.zeros(4))), 6)
         0.25
     """
-    xp, logp, p, lp, H = _stats(logits)
-    return xp.exp(-H[..., 0])
+    H = row_statistics(logits).entropy
+    return namespace(H).exp(-H)
 
 
 def _sign(xp, x: Array) -> Array:

@@ -23,6 +23,7 @@ from ._xp import (
     namespace,
     take_last,
 )
+from .rowstats import row_blocks, row_statistics, shifted_moments
 
 __all__ = [
     "prob_change_single_logit",
@@ -70,13 +71,16 @@ def _leading(xp, value: Array | float, logits: Array, dtype, name: str) -> Array
     return value
 
 
-def _update(xp, dz: Array, logits: Array, dtype) -> tuple[Array, Array]:
-    """Validate a logit update ``dz`` against ``logits`` ``(..., V)``: ``(dz as dtype, bad rows)``.
+def _nan_where(xp, bad: Array, x: Array) -> Array:
+    """``x`` with NaN where ``bad`` (the rows of a non-finite ``dz``)."""
+    return xp.where(bad, xp.full_like(x, float("nan")), x)
 
-    A row of ``dz`` with a NaN or infinite entry is *bad* (``(...)`` bool, broadcastable against
-    ``logits.shape[:-1]``): its entries are replaced by 0 here and the caller returns NaN for it
-    (:func:`_nan_where`), so no arithmetic on infinities (and no floating-point warning) happens.
-    """
+
+def _logits_and_update(logits: Array, dz: Array):
+    """``(xp, z, dz)``: float logits and a validated update of exactly their shape (broadcast if needed)."""
+    xp = namespace(logits, *([dz] if hasattr(dz, "shape") else []))
+    check_logits(logits)
+    z = as_float(xp, logits, "logits")
     if not hasattr(dz, "shape"):
         raise ValueError("dz must be an array of shape (..., V) like logits")
     dz = as_float(xp, dz, "dz")
@@ -85,14 +89,23 @@ def _update(xp, dz: Array, logits: Array, dtype) -> tuple[Array, Array]:
         raise ValueError(
             f"dz with shape {tuple(dz.shape)} must broadcast to logits' shape {tuple(logits.shape)}"
         )
-    dz = xp.astype(dz, dtype) if dz.dtype != dtype else dz
-    finite = xp.isfinite(dz)
-    return xp.where(finite, dz, xp.zeros_like(dz)), ~xp.all(finite, axis=-1)
+    if dz.dtype != z.dtype:
+        dtype = xp.result_type(z, dz)
+        z, dz = xp.astype(z, dtype), xp.astype(dz, dtype)
+    if tuple(dz.shape) != tuple(z.shape):
+        dz = dz + xp.zeros_like(z)  # materialise the broadcast: (..., V)
+    return xp, z, dz
 
 
-def _nan_where(xp, bad: Array, x: Array) -> Array:
-    """``x`` with NaN where ``bad`` (the rows of a non-finite ``dz``)."""
-    return xp.where(bad, xp.full_like(x, float("nan")), x)
+def _block_parts(xp, zb: Array, dzb: Array):
+    """Per block ``(n, V)``: ``(p, log p (0 where p = 0), H (n, 1), dz (0 in bad rows), bad (n,))``."""
+    m, s, e, Z, logZ, H = shifted_moments(xp, zb)
+    finite = xp.isfinite(dzb)
+    bad = ~xp.all(finite, axis=-1)
+    dzb = xp.where(finite, dzb, xp.zeros_like(dzb))
+    p = e / xp.expand_dims(Z, axis=-1)
+    lp = xp.where(p > 0, s - xp.expand_dims(logZ, axis=-1), xp.zeros_like(s))
+    return p, lp, xp.expand_dims(H, axis=-1), dzb, bad
 
 
 def prob_change_single_logit(logits: Array, k: Array, eps: Array | float) -> Array:
@@ -146,11 +159,9 @@ def entropy_change_single_logit(logits: Array, k: Array, eps: Array | float) -> 
         >>> round(float(entropy_change_single_logit(np.log(np.array([0.7, 0.2, 0.1])), np.array(0), 0.01)), 6)
         -0.003116
     """
-    xp, z, logp, p, lp, H = _prepare(logits, k, eps)
-    k = check_index(xp, k, logits)
-    eps = _leading(xp, eps, logits, p.dtype, "eps")
-    s_k = take_last(xp, p * (H + lp), k)  # (...)
-    return -eps * s_k
+    r = row_statistics(logits, k)
+    xp = namespace(r.s_star)
+    return -_leading(xp, eps, logits, r.s_star.dtype, "eps") * r.s_star
 
 
 def entropy_change_first_order(logits: Array, dz: Array) -> Array:
@@ -178,10 +189,13 @@ def entropy_change_first_order(logits: Array, dz: Array) -> Array:
         >>> round(float(entropy_change_first_order(z, np.array([0.01, 0.0, 0.0]))), 6)
         -0.003116
     """
-    xp, z, logp, p, lp, H = _prepare(logits, dz)
-    dz, bad = _update(xp, dz, logits, p.dtype)
-    S = p * (H + lp)  # (..., V)
-    return _nan_where(xp, bad, -xp.sum(S * dz, axis=-1))
+    xp, z, dz = _logits_and_update(logits, dz)
+
+    def kernel(zb, dzb):
+        p, lp, H, dzb, bad = _block_parts(xp, zb, dzb)
+        return (_nan_where(xp, bad, -xp.sum(p * (H + lp) * dzb, axis=-1)),)
+
+    return row_blocks(xp, kernel, z, full=(dz,))[0]
 
 
 def grpo_logit_update(logits: Array, k: Array, alpha: Array | float) -> Array:
@@ -236,12 +250,9 @@ def entropy_change_grpo(logits: Array, k: Array, alpha: Array | float) -> Array:
         >>> np.round(entropy_change_grpo(np.stack([z, z]), np.array([0, 2]), 0.01), 6)
         array([-0.001408,  0.003209])
     """
-    xp, z, logp, p, lp, H = _prepare(logits, k, alpha)
-    k = check_index(xp, k, logits)
-    alpha = _leading(xp, alpha, logits, p.dtype, "alpha")
-    S = p * (H + lp)  # (..., V)
-    baseline = xp.sum(p * S, axis=-1)  # (...)
-    return -alpha * (take_last(xp, S, k) - baseline)
+    r = row_statistics(logits, k, baseline=True)
+    xp = namespace(r.deviation)
+    return -_leading(xp, alpha, logits, r.deviation.dtype, "alpha") * r.deviation
 
 
 def entropy_hessian(logits: Array) -> Array:
@@ -293,14 +304,18 @@ def entropy_change_second_order(logits: Array, dz: Array) -> Array:
         >>> round(float(entropy_change_second_order(z, dz)), 5), round(float(exact_entropy_change(z, dz)), 5)
         (-0.03159, -0.03155)
     """
-    xp, z, logp, p, lp, H = _prepare(logits, dz)
-    dz, bad = _update(xp, dz, logits, p.dtype)
-    L = lp + H  # (..., V)
-    pdz = p * dz  # (..., V)
-    a = xp.sum(pdz * L, axis=-1)  # (...): sum_j p_j L_j dz_j = S . dz
-    b = xp.sum(pdz, axis=-1)  # (...)
-    quad = -xp.sum(pdz * dz * (L + 1.0), axis=-1) + 2.0 * a * b + b * b
-    return _nan_where(xp, bad, -a + 0.5 * quad)
+    xp, z, dz = _logits_and_update(logits, dz)
+
+    def kernel(zb, dzb):
+        p, lp, H, dzb, bad = _block_parts(xp, zb, dzb)
+        L = lp + H  # (n, V)
+        pdz = p * dzb  # (n, V)
+        a = xp.sum(pdz * L, axis=-1)  # (n,): sum_j p_j L_j dz_j = S . dz
+        b = xp.sum(pdz, axis=-1)  # (n,)
+        quad = -xp.sum(pdz * dzb * (L + 1.0), axis=-1) + 2.0 * a * b + b * b
+        return (_nan_where(xp, bad, -a + 0.5 * quad),)
+
+    return row_blocks(xp, kernel, z, full=(dz,))[0]
 
 
 def exact_entropy_change(logits: Array, dz: Array) -> Array:
@@ -330,22 +345,36 @@ def exact_entropy_change(logits: Array, dz: Array) -> Array:
         >>> round(float(exact_entropy_change(z, dz)), 8) == round(float(entropy(z + dz) - entropy(z)), 8)
         True
     """
-    xp, z, logp, p, lp, H = _prepare(logits, dz)
-    dz, bad = _update(xp, dz, logits, p.dtype)
-    if tuple(dz.shape) != tuple(p.shape):
-        dz = dz + xp.zeros_like(p)  # materialise the broadcast: (..., V)
+    xp, z, dz = _logits_and_update(logits, dz)
+    return row_blocks(xp, lambda zb, dzb: (_exact_block(xp, zb, dzb),), z, full=(dz,))[0]
+
+
+def _exact_block(xp, zb: Array, dzb: Array) -> Array:
+    """:func:`exact_entropy_change` of a block ``(n, V)``. ``c = log sum_j p_j e^{dz_j}`` by the branch its
+    rows need: ``log1p`` for a block whose ``|dz| <= 1`` everywhere, the log-sum-exp for a block with no such
+    row, both (picked per row) only for a block that mixes the two (one host read of the block's flag)."""
+    p, lp, H, dzb, bad = _block_parts(xp, zb, dzb)
     one = 1.0
-    # log sum_j p_j exp(dz_j): two evaluations, picked per row.
-    small_row = xp.max(xp.abs(dz), axis=-1, keepdims=True) <= one  # (..., 1)
-    dz_c = xp.clip(dz, -one, one)
-    c_small = xp.log1p(xp.sum(p * xp.expm1(dz_c), axis=-1, keepdims=True))  # (..., 1)
-    shifted = logp + dz  # (..., V)
-    m = xp.max(shifted, axis=-1, keepdims=True)  # (..., 1)
-    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
-    c_large = m + xp.log(xp.sum(xp.exp(shifted - m), axis=-1, keepdims=True))  # (..., 1)
-    c = xp.where(small_row, c_small, c_large)  # (..., 1)
-    d = dz - c  # (..., V): log q - log p on the support
-    q = xp.exp(logp + d)  # (..., V)
-    small = xp.abs(d) <= one
-    dq = xp.where(small, p * xp.expm1(xp.clip(d, -one, one)), q - p)  # (..., V): q - p
-    return _nan_where(xp, bad, -xp.sum(dq * lp, axis=-1) - xp.sum(q * d, axis=-1))
+    w = xp.where(p > 0, lp + dzb, xp.full_like(lp, -float("inf")))  # (n, V): log p + dz, -inf off support
+    small_row = xp.max(xp.abs(dzb), axis=-1, keepdims=True) <= one  # (n, 1)
+    n_small = int(xp.sum(xp.astype(small_row, xp.int64)))
+
+    def c_small():
+        return xp.log1p(xp.sum(p * xp.expm1(xp.clip(dzb, min=-one, max=one)), axis=-1, keepdims=True))
+
+    def c_large():
+        m = xp.max(w, axis=-1, keepdims=True)  # (n, 1)
+        m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+        return m + xp.log(xp.sum(xp.exp(w - m), axis=-1, keepdims=True))
+
+    if n_small == small_row.shape[0]:
+        c = c_small()
+    elif n_small == 0:
+        c = c_large()
+    else:
+        c = xp.where(small_row, c_small(), c_large())
+    d = dzb - c  # (n, V): log q - log p on the support
+    q = xp.exp(w - c)  # (n, V)
+    dq = xp.where(xp.abs(d) <= one, p * xp.expm1(xp.clip(d, min=-one, max=one)), q - p)  # q - p
+    return _nan_where(xp, bad[:, None], -xp.sum(dq * lp, axis=-1, keepdims=True)
+                      - xp.sum(q * d, axis=-1, keepdims=True))[:, 0]

@@ -239,8 +239,8 @@ def _workspace(state: ToyState, z: np.ndarray) -> dict[str, np.ndarray]:
 def _softmax_parts(z: np.ndarray, work: dict[str, np.ndarray]):
     """``s = z - max z``, ``e = exp(s)`` (into ``work``), ``Z = sum e`` and ``log Z`` (``(R, M, T)``).
 
-    The shared first half of every softmax computation (as ``theory._xp.shifted_exp``): ``p = e / Z``,
-    ``log p = s - log Z``, ``H = log Z - sum(e s) / Z``. Toy logits are always finite.
+    The shared first half of every softmax computation (as ``theory.rowstats.shifted_moments``):
+    ``p = e / Z``, ``log p = s - log Z``, ``H = log Z - sum(e s) / Z``. Toy logits are always finite.
     """
     s, e = work["s"], work["e"]
     np.subtract(z, z.max(axis=-1, keepdims=True), out=s)
