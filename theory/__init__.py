@@ -33,13 +33,12 @@ from .first_order import (
 )
 from .grpo import ADVANTAGE_PRESETS, effective_step_size, grpo_advantages
 from .metrics import pass_at_k
-from .rowstats import RowStatistics, row_statistics
+from .rowstats import row_statistics
 
 __all__ = [
     "ADVANTAGE_PRESETS",
     "QUADRANT_DH_SIGN",
     "QUADRANTS",
-    "RowStatistics",
     "deviation",
     "discriminator",
     "effective_step_size",

@@ -9,15 +9,18 @@ a few moments of ``e = exp(s)``, ``s = z - max z`` (``docs/equations.md`` §1-3)
 
 and a sampled token's ``log p_k = s_k - log Z``, ``S* = p_k (H + log p_k)`` (E2), its deviation
 ``S* - E_p[S]`` (E6-E7). So one read of the logits suffices, if the row's intermediates (``s``, ``e``,
-``e^2``) stay in cache: :func:`row_blocks` walks the rows in blocks of about :data:`NUMPY_BLOCK_ELEMENTS`
-elements on a CPU (a few hundred kB, so each block is read once from memory and every further pass hits
-the cache) and of :data:`ACCELERATOR_BLOCK_ELEMENTS` on an accelerator (where a kernel launch per small
-block would cost more than the memory traffic it saves). The first-order functions of
-:mod:`theory.first_order` run their per-row kernels through the same driver.
+``e^2``) stay in cache: the rows are walked in blocks of about :data:`NUMPY_BLOCK_ELEMENTS` elements for
+NumPy and :data:`TORCH_CPU_BLOCK_ELEMENTS` for torch on a CPU (each block is read once from memory and
+every further pass hits the cache), and of :data:`ACCELERATOR_BLOCK_ELEMENTS` on an accelerator (where a
+kernel launch per small block would cost more than the memory traffic it saves). NumPy has its own loop
+(reused buffers, ``vecdot`` reductions); every other namespace runs the array-API kernel through
+:func:`row_blocks`, as do the first-order functions of :mod:`theory.first_order`. On this project's CPU
+the exponential alone is ~6.5x one read of the logits (``BENCHMARKS.md``), so it sets the floor here.
 
-Masked (``-inf``) logits: ``s`` is clamped to :data:`MASKED_SHIFT` (where ``exp`` is exactly 0 in float32
-and float64), so ``e_i s_i = 0`` with no ``0 * inf`` in the value or in the torch gradient. Rows whose
-maximum is not finite (NaN, ``+inf``, only ``-inf``) give NaN, as everywhere in :mod:`theory._xp`.
+Masked (``-inf``) logits: in the array-API kernel ``s`` is clamped to :data:`MASKED_SHIFT` (where ``exp``
+is exactly 0 in float32 and float64), so ``e_i s_i = 0`` with no ``0 * inf`` in the value or in the torch
+gradient; the NumPy loop recomputes such rows with that kernel. Rows whose maximum is not finite (NaN,
+``+inf``, only ``-inf``) give NaN, as everywhere in :mod:`theory._xp`.
 
 All functions take NumPy or torch arrays and return the same namespace; torch results are
 differentiable (the blocks are concatenated, not written in place).
@@ -39,7 +42,7 @@ __all__ = ["RowStatistics", "row_statistics", "row_blocks", "shifted_moments", "
 NUMPY_BLOCK_ELEMENTS = 1 << 16
 #: Elements per row block for torch on a CPU: ``2^18`` (1 MB of float32), larger because each torch
 #: operation starts its thread pool (measured in ``benchmarks/bench_theory.py``).
-TORCH_NUMPY_BLOCK_ELEMENTS = 1 << 18
+TORCH_CPU_BLOCK_ELEMENTS = 1 << 18
 #: Elements per row block on an accelerator (``2^26``: 256 MB of float32 per intermediate).
 ACCELERATOR_BLOCK_ELEMENTS = 1 << 26
 #: Where ``s = z - max z`` is clamped for masked logits: ``exp`` of it is exactly 0 in float32 and
@@ -52,7 +55,7 @@ def _block_elements(x: Array) -> int:
         return NUMPY_BLOCK_ELEMENTS
     device = array_api_compat.device(x)
     on_cpu = device == "cpu" or getattr(device, "type", "cpu") == "cpu"
-    return TORCH_NUMPY_BLOCK_ELEMENTS if on_cpu else ACCELERATOR_BLOCK_ELEMENTS
+    return TORCH_CPU_BLOCK_ELEMENTS if on_cpu else ACCELERATOR_BLOCK_ELEMENTS
 
 
 def row_blocks(xp, kernel: Callable[..., tuple], z: Array, *rows: Array | None, full: tuple = (),
@@ -167,59 +170,67 @@ def row_statistics(logits: Array, k: Array | None = None, *, baseline: bool = Fa
         if tuple(k.shape) != tuple(z.shape[:-1]):
             k = xp.broadcast_to(k, z.shape[:-1])
 
-    fast = array_api_compat.is_numpy_namespace(xp)
+    if array_api_compat.is_numpy_namespace(xp):
+        return _numpy_row_statistics(z, k, baseline, block_elements or NUMPY_BLOCK_ELEMENTS)
 
     def kernel(zb, kb):
-        if fast:
-            m, logZ, H, base = _numpy_moments(zb, baseline)
-        else:
-            m, s, e, Z, logZ, H = shifted_moments(xp, zb)
-            base = baseline_from_moments(xp, s, e, Z, logZ, H) if baseline else None
+        m, s, e, Z, logZ, H = shifted_moments(xp, zb)
+        base = baseline_from_moments(xp, s, e, Z, logZ, H) if baseline else None
         if kb is None:
             return logZ, H, base, None, None, None
         lp = _take_rows(xp, zb, kb) - m[:, 0] - logZ  # (n,); -inf for a masked token
         S = _s_star(xp, lp, H)
         return logZ, H, base, lp, S, None if base is None else S - base
 
-    out = row_blocks(xp, kernel, z, k, block_elements=block_elements)
-    return RowStatistics(*out)
+    return RowStatistics(*row_blocks(xp, kernel, z, k, block_elements=block_elements))
 
 
-def _numpy_moments(z, baseline: bool):
-    """:func:`shifted_moments` (and :func:`baseline_from_moments`) for a NumPy block with the fewest passes:
-    each reduction a ``vecdot`` (no product array), the intermediates overwritten in place, and no clamp of
-    ``s``: a row with masked (``-inf``) logits, whose ``e_i s_i`` is ``0 * -inf = NaN``, is recomputed
-    with those terms set to 0 (NaN rows, i.e. a non-finite maximum, stay NaN)."""
+def _numpy_row_statistics(z, k, baseline: bool, block_elements: int) -> RowStatistics:
+    """:func:`row_statistics` for NumPy with the fewest passes per block: the intermediates ``s``, ``e`` in
+    two reused buffers, each reduction a ``vecdot`` (no product array), results written into the outputs.
+
+    No clamp of ``s``: a row with masked (``-inf``) logits gets ``e_i s_i = 0 * -inf = NaN`` here and is
+    recomputed afterwards by the array-API kernel (which clamps); rows whose maximum is not finite are NaN
+    either way and are left so.
+    """
     import numpy as np
 
-    m = z.max(axis=-1, keepdims=True)  # (n, 1)
-    if not np.isfinite(m).all():
-        m = np.where(np.isfinite(m), m, np.nan)
-    s = np.subtract(z, m)  # (n, V)
-    e = np.exp(s)
-    Z = e.sum(axis=-1)
-    logZ = np.log(Z)
-    es = _masked_dot(e, s, m)
-    H = logZ - es / Z
-    if not baseline:
-        return m, logZ, H, None
-    np.multiply(e, e, out=e)  # e^2
-    np.add(s, (H - logZ)[:, None], out=s)  # s + H - log Z
-    return m, logZ, H, _masked_dot(e, s, m) / (Z * Z)
-
-
-def _masked_dot(a, b, m):
-    """``sum_i a_i b_i`` per row, terms with ``a_i = 0`` counted as 0 (a masked ``b_i = -inf``)."""
-    import numpy as np
-
-    with np.errstate(invalid="ignore"):  # 0 * -inf: the rows redone below
-        out = np.vecdot(a, b)  # (n,)
-    redo = np.isnan(out) & np.isfinite(m[:, 0])
-    if redo.any():
-        rows = np.flatnonzero(redo)
-        ab = a[rows] * np.where(a[rows] > 0, b[rows], 0.0)
-        out[rows] = ab.sum(axis=-1)
-    return out
+    lead, V = z.shape[:-1], z.shape[-1]
+    z2 = z.reshape(-1, V)
+    N, step = z2.shape[0], max(1, block_elements // V)
+    m, logZ, H = (np.empty(N, z.dtype) for _ in range(3))
+    base = np.empty(N, z.dtype) if baseline else None
+    s_buf, e_buf = np.empty((min(step, N), V), z.dtype), np.empty((min(step, N), V), z.dtype)
+    with np.errstate(invalid="ignore"):  # inf - inf, 0 * -inf: the rows recomputed below
+        for i in range(0, N, step):
+            zb = z2[i : i + step]
+            n = zb.shape[0]
+            s, e = s_buf[:n], e_buf[:n]
+            np.max(zb, axis=-1, out=m[i : i + n])
+            np.subtract(zb, m[i : i + n, None], out=s)
+            np.exp(s, out=e)
+            Z = e.sum(axis=-1)
+            np.log(Z, out=logZ[i : i + n])
+            H[i : i + n] = logZ[i : i + n] - np.vecdot(e, s) / Z
+            if baseline:
+                np.multiply(e, e, out=e)  # e^2
+                np.add(s, (H[i : i + n] - logZ[i : i + n])[:, None], out=s)  # s + H - log Z
+                base[i : i + n] = np.vecdot(e, s) / (Z * Z)
+    redo = np.flatnonzero(np.isnan(H) & np.isfinite(m))  # rows with masked logits
+    if redo.size:
+        rows = z2[redo]
+        _, s, e, Z, lz, h = shifted_moments(np, rows)
+        logZ[redo], H[redo] = lz, h
+        if baseline:
+            base[redo] = baseline_from_moments(np, s, e, Z, lz, h)
+    m[~np.isfinite(m)] = np.nan
+    out = {"log_z": logZ, "entropy": H, "baseline": base}
+    if k is not None:
+        lp = np.take_along_axis(z2, k.reshape(-1, 1), axis=-1)[:, 0] - m - logZ  # -inf for a masked token
+        out.update(logp=lp, s_star=_s_star(np, lp, H))
+        if baseline:
+            out["deviation"] = out["s_star"] - base
+    return RowStatistics(**{f: None if v is None else v.reshape(lead) for f, v in out.items()})
 
 
 def _s_star(xp, lp: Array, H: Array) -> Array:
