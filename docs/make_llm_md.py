@@ -74,6 +74,17 @@ in the next line) and costs reward; fixing it (a separate calibration of the bon
 }
 
 
+#: Why a rule that touched no token did not (said once per rule, beside its line).
+INERT = {
+    "clip_b": (". S* is bounded below by -exp(-(H+1)) (theory.discriminator) while its upper tail reaches H, "
+               "so the reference's cut 2.5 standard deviations below the batch mean can lie below every "
+               "token; the toy's `rules` experiment uses mu = 1 (docs/toy.md)"),
+    "clip_v": (". Its cut is 8.5 standard deviations of the deviation S* - E_p[S]; the toy's `rules` "
+               "experiment uses mu = 1, max_frac = 0.02"),
+    "clip_higher": ". One on-policy epoch: every ratio is 1, so no bound of the ratio clip is reached",
+}
+
+
 def _overlap(a, b) -> int:
     """-1 / +1 if the interval ``a = [mean, half]`` lies wholly below / above ``b``, else 0."""
     if a[0] + a[1] < b[0] - b[1]:
@@ -95,11 +106,7 @@ def _rules_extra(s: dict) -> str:
         same = abs(r["entropy"][0] - base["entropy"][0]) <= 1e-4 * abs(base["entropy"][0])
         if same and r["reward"] == base["reward"] and r.get("clip_frac", [0.0])[0] == 0.0:
             line += ("; its runs were GRPO's up to float rounding: at these settings it touched no token "
-                     "(clip fraction 0). Clip_B: S* is bounded below by -exp(-(H+1)) (theory.discriminator) "
-                     "while its upper tail reaches H, so a cut 2.5 standard deviations below the batch mean "
-                     "can lie below every token; Clip_V: its cut is 8.5 standard deviations of the "
-                     "deviation; clip-higher: one on-policy epoch, every ratio is 1. The toy's rules "
-                     "experiment uses mu = 1 for both (docs/toy.md)")
+                     "(clip fraction 0)" + INERT.get(name, ""))
         lines.append(line + ".")
     return (f"\n\nAgainst plain GRPO ({s['seeds']} seeds x {s['steps']} steps; \"above\" / \"below\": "
             "the 95% intervals do not overlap):\n\n" + "\n".join(lines))
