@@ -89,9 +89,8 @@ def _logits_and_update(logits: Array, dz: Array):
         raise ValueError(
             f"dz with shape {tuple(dz.shape)} must broadcast to logits' shape {tuple(logits.shape)}"
         )
-    if dz.dtype != z.dtype:
-        dtype = xp.result_type(z, dz)
-        z, dz = xp.astype(z, dtype), xp.astype(dz, dtype)
+    if dz.dtype != z.dtype:  # the logits' precision, as for every other argument
+        dz = xp.astype(dz, z.dtype)
     if tuple(dz.shape) != tuple(z.shape):
         dz = dz + xp.zeros_like(z)  # materialise the broadcast: (..., V)
     return xp, z, dz
