@@ -33,15 +33,16 @@ from dataclasses import dataclass
 
 import array_api_compat
 
-from ._xp import Array, as_float, check_index, check_logits, namespace
+from ._xp import Array, as_float, check_index, check_logits, finite_logp, namespace
 
 __all__ = ["RowStatistics", "row_statistics", "row_blocks", "shifted_moments", "baseline_from_moments"]
 
 #: Elements per row block for NumPy: ``2^16`` float32 values = 256 kB per intermediate, so a block's two
-#: intermediates stay in a core's L2 cache (measured in ``benchmarks/bench_theory.py``).
+#: intermediates stay in a core's L2 cache (chosen from a sweep of 2^14..2^20 on the project's 2-core CPU;
+#: the resulting times are in ``BENCHMARKS.md``, ``benchmarks/bench_theory.py``).
 NUMPY_BLOCK_ELEMENTS = 1 << 16
 #: Elements per row block for torch on a CPU: ``2^18`` (1 MB of float32), larger because each torch
-#: operation starts its thread pool (measured in ``benchmarks/bench_theory.py``).
+#: operation starts its thread pool (chosen from the same sweep).
 TORCH_CPU_BLOCK_ELEMENTS = 1 << 18
 #: Elements per row block on an accelerator (``2^26``: 256 MB of float32 per intermediate).
 ACCELERATOR_BLOCK_ELEMENTS = 1 << 26
@@ -235,4 +236,4 @@ def _numpy_row_statistics(z, k, baseline: bool, block_elements: int) -> RowStati
 
 def _s_star(xp, lp: Array, H: Array) -> Array:
     """``p_k (H + log p_k)``, 0 for ``log p_k = -inf``."""
-    return xp.exp(lp) * (H + xp.where(lp == -xp.inf, 0.0, lp))
+    return xp.exp(lp) * (H + finite_logp(xp, lp))
