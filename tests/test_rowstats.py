@@ -43,13 +43,16 @@ def _logits(seed: int, shape=(6, 5, 97)):
 
 
 @pytest.mark.parametrize("block", [1, 97, 300, 10**6])
-@pytest.mark.parametrize("backend", ["numpy", "torch", "strict"])
+@pytest.mark.parametrize("backend", ["numpy", "torch", "torch_grad", "strict"])
 def test_row_statistics_match_the_definitions_for_any_blocking(block, backend):
+    """``torch`` takes the buffered no-grad loop, ``torch_grad`` (a leaf that requires grad) the kernel."""
     z, k = _logits(0)
     H, base, lpk, S = _reference(z, k)
-    conv = {"numpy": np.asarray, "torch": torch.from_numpy, "strict": array_api_strict.asarray}[backend]
+    conv = {"numpy": np.asarray, "torch": torch.from_numpy, "strict": array_api_strict.asarray,
+            "torch_grad": lambda a: torch.tensor(a, requires_grad=a.dtype.kind == "f")}[backend]
     r = row_statistics(conv(z), conv(k), baseline=True, block_elements=block)
-    got = {f: np.asarray(getattr(r, f)) for f in ("entropy", "baseline", "logp", "s_star", "deviation")}
+    got = {f: np.asarray(getattr(r, f).detach() if backend == "torch_grad" else getattr(r, f))
+           for f in ("entropy", "baseline", "logp", "s_star", "deviation")}
     np.testing.assert_allclose(got["entropy"], H, rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(got["baseline"], base, rtol=1e-10, atol=1e-14)
     np.testing.assert_array_equal(np.isneginf(got["logp"]), np.isneginf(lpk))
@@ -71,6 +74,21 @@ def test_undefined_rows_are_nan_on_both_paths():
         for f in ("entropy", "baseline", "s_star"):
             v = np.asarray(getattr(r, f))
             assert np.isfinite(v[0]) and np.isnan(v[1:]).all(), (f, v)
+
+
+def test_torch_buffered_loop_is_the_kernel_bit_for_bit():
+    """The no-grad torch loop (reused buffers, ``out=``) and the differentiable kernel: equal numbers."""
+    rng = np.random.default_rng(4)
+    z = torch.from_numpy((3.0 * rng.standard_normal((37, 300))).astype(np.float32))
+    z[3, :100] = -torch.inf  # masked entries: recomputed by the kernel
+    k = torch.from_numpy(rng.integers(0, 300, 37))
+    fast = row_statistics(z, k, baseline=True, block_elements=1000)
+    with torch.enable_grad():
+        slow = row_statistics(z.clone().requires_grad_(True), k, baseline=True, block_elements=1000)
+    for f in ("log_z", "entropy", "baseline", "logp", "s_star", "deviation"):
+        a, b = getattr(fast, f), getattr(slow, f).detach()
+        assert a.dtype == torch.float32 and not a.requires_grad, f
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f)
 
 
 def test_float32_fast_path_keeps_float32_and_its_precision():

@@ -173,6 +173,8 @@ def row_statistics(logits: Array, k: Array | None = None, *, baseline: bool = Fa
 
     if array_api_compat.is_numpy_namespace(xp):
         return _numpy_row_statistics(z, k, baseline, block_elements or NUMPY_BLOCK_ELEMENTS)
+    if _torch_buffered(z):
+        return _torch_row_statistics(xp, z, k, baseline, block_elements or TORCH_CPU_BLOCK_ELEMENTS)
 
     def kernel(zb, kb):
         m, s, e, Z, logZ, H = shifted_moments(xp, zb)
@@ -229,6 +231,67 @@ def _numpy_row_statistics(z, k, baseline: bool, block_elements: int) -> RowStati
     if k is not None:
         lp = np.take_along_axis(z2, k.reshape(-1, 1), axis=-1)[:, 0] - m - logZ  # -inf for a masked token
         out.update(logp=lp, s_star=_s_star(np, lp, H))
+        if baseline:
+            out["deviation"] = out["s_star"] - base
+    return RowStatistics(**{f: None if v is None else v.reshape(lead) for f, v in out.items()})
+
+
+def _torch_buffered(z) -> bool:
+    """Whether a torch ``z`` takes :func:`_torch_row_statistics`: a plain CPU tensor with no derivative to
+    keep (no autograd graph, no forward-mode tangent, no functorch wrapper), not under ``torch.compile``."""
+    if not array_api_compat.is_torch_array(z) or z.device.type != "cpu":
+        return False
+    import torch
+
+    if (z.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(z):
+        return False
+    return torch.autograd.forward_ad.unpack_dual(z).tangent is None
+
+
+def _torch_row_statistics(xp, z, k, baseline: bool, block_elements: int) -> RowStatistics:
+    """:func:`row_statistics` for a torch CPU tensor without autograd: the loop of
+    :func:`_numpy_row_statistics` with three reused block buffers and ``out=`` operations.
+
+    The array-API kernel allocates each block's intermediates afresh; at 1 MB each the allocator hands
+    them back to the system and every block page-faults its memory in again (about 190k faults per
+    ``(4096, 49152)`` float32 array, half the kernel's time in ``BENCHMARKS.md``). Same numbers as the
+    kernel: the same operations in the same order, with the masked rows recomputed by it.
+    """
+    import torch
+
+    lead, V = tuple(z.shape[:-1]), z.shape[-1]
+    z2 = z.reshape(-1, V)
+    N, step = z2.shape[0], max(1, block_elements // V)
+    m, logZ, H = (z2.new_empty(N) for _ in range(3))
+    base = z2.new_empty(N) if baseline else None
+    s_buf, e_buf, g_buf = (z2.new_empty((min(step, N), V)) for _ in range(3))
+    for i in range(0, N, step):
+        zb = z2[i : i + step]
+        n = zb.shape[0]
+        s, e, g = s_buf[:n], e_buf[:n], g_buf[:n]
+        torch.amax(zb, dim=-1, out=m[i : i + n])
+        torch.sub(zb, m[i : i + n, None], out=s)
+        torch.exp(s, out=e)
+        Z = e.sum(dim=-1)
+        torch.log(Z, out=logZ[i : i + n])
+        H[i : i + n] = logZ[i : i + n] - torch.mul(e, s, out=g).sum(dim=-1) / Z
+        if baseline:
+            torch.mul(e, e, out=g)  # e^2
+            s.add_((H[i : i + n] - logZ[i : i + n])[:, None])  # s + H - log Z
+            base[i : i + n] = g.mul_(s).sum(dim=-1) / (Z * Z)
+    redo = torch.nonzero(torch.isnan(H) & torch.isfinite(m))[:, 0]  # rows with masked logits
+    if redo.numel():
+        _, s, e, Z, lz, h = shifted_moments(xp, z2[redo])
+        logZ[redo], H[redo] = lz, h
+        if baseline:
+            base[redo] = baseline_from_moments(xp, s, e, Z, lz, h)
+    m[~torch.isfinite(m)] = float("nan")
+    out = {"log_z": logZ, "entropy": H, "baseline": base}
+    if k is not None:
+        lp = _take_rows(xp, z2, k.reshape(-1)) - m - logZ  # -inf for a masked token
+        out.update(logp=lp, s_star=_s_star(xp, lp, H))
         if baseline:
             out["deviation"] = out["s_star"] - base
     return RowStatistics(**{f: None if v is None else v.reshape(lead) for f, v in out.items()})
