@@ -12,7 +12,8 @@ import theory
 from theory import pass_at_k
 from theory.rules import ClipB, EntropyBonus, HighEntropyMask
 from toy.bandit import Bandit, sample_tokens
-from toy.grpo import GRPOConfig, _add_logit_gradient, _flat_index, init_state, step
+from toy.grpo import GRPOConfig, _flat_index, init_state, step
+from toy.kernels import logit_gradient
 
 
 def test_sample_tokens_matches_probabilities_and_skips_zero():
@@ -63,7 +64,7 @@ def test_logit_gradient_equals_explicit_sum():
     np.testing.assert_allclose(_logit_gradient(coef, tokens, p), want, atol=1e-12)
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     out = np.full_like(z, np.nan)
-    got = _add_logit_gradient(coef, _flat_index(tokens, V), e, e.sum(axis=-1), out=out)
+    got = logit_gradient(coef, _flat_index(tokens, V), e, e.sum(axis=-1), out)
     assert got is out
     np.testing.assert_allclose(got, want, atol=1e-12)
 

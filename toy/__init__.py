@@ -9,6 +9,8 @@ Modules:
 * :mod:`toy.grpo`: GRPO over many runs at once (:func:`toy.grpo.step`), any rule from
   :mod:`theory.rules`, with predicted vs realised entropy change per update (batch statistics from
   :mod:`theory.diagnostics`).
+* :mod:`toy.kernels`: the step's dense passes per cache-sized block of runs, and the runs' random streams
+  drawn ahead (:class:`toy.kernels.RunStreams`).
 * :mod:`toy.run`: training over many seeds (:func:`toy.run.train`); :mod:`toy.experiments`: the named
   experiments (``entdyn toy``); :mod:`toy.report` and :mod:`toy.plotting`: their tables, JSON and figures.
 

@@ -17,6 +17,7 @@ with correctness) or ``"pm1"`` (+1 / -1). NumPy only; randomness only from the c
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -103,9 +104,12 @@ class Bandit:
         return (u < p).astype(np.float64)
 
 
-def _block_size(V: int, cap: int = 64) -> int:
-    """The largest divisor of ``V`` that is at most ``cap`` (1 for a prime ``V > cap``)."""
-    return max(b for b in range(1, min(V, cap) + 1) if V % b == 0)
+@functools.lru_cache(maxsize=256)
+def _block_size(V: int) -> int:
+    """The divisor of ``V`` closest to ``sqrt(V)`` (the smaller one on a tie; 1 for a prime ``V``): it
+    balances the two searches of :func:`sample_tokens`, over ``V / b`` blocks and over ``b`` tokens."""
+    root = np.sqrt(V)
+    return min((b for b in range(1, V + 1) if V % b == 0), key=lambda b: (abs(b - root), b))
 
 
 def sample_tokens(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -113,12 +117,17 @@ def sample_tokens(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
     weights) and uniforms ``u (..., n)`` in [0, 1) -> int64 ``(..., n)``.
 
     Token ``k`` of a row is drawn with probability ``weights[k] / sum(weights)``; a token of weight 0
-    is never drawn. Vectorised over all rows without a full cumulative sum: the vocabulary is cut into
-    blocks of ``b`` tokens (``b`` the largest divisor of ``V`` up to 64); one float64 cumulative sum of
-    the block masses over *all* rows (row ``i`` occupies ``(C_{i-1}, C_i]`` of it, so it stays sorted)
-    locates each sample's block with a single ``searchsorted``, and a cumulative sum over that block's
-    ``b`` weights locates the token. The cost is one pass over ``weights`` plus ``O(n b)``. The caller
-    draws ``u`` from its own generator (no hidden randomness).
+    is never drawn. Each row is sampled from its own partial sums, so a row's tokens depend on that row
+    alone (the same bits in any batch, any blocking of rows). Vectorised over all rows without a full
+    cumulative sum: the vocabulary is cut into blocks of ``b`` tokens (``b`` the divisor of ``V`` closest
+    to ``sqrt V``); the float64 cumulative sum of a row's block masses locates each sample's block (a
+    comparison with the ``V / b`` partial sums) and the float64 partial sums of that block's ``b``
+    weights (a product with a triangular matrix of ones) locate the token. The cost is one pass over
+    ``weights`` plus ``O(n (V / b + b))`` per row. The caller draws ``u`` from its own generator (no
+    hidden randomness).
+
+    Raises:
+        ValueError: if ``u`` has the wrong shape, or a row's weights do not have a finite positive sum.
     """
     lead, V = weights.shape[:-1], weights.shape[-1]
     if u.shape[:-1] != lead:
@@ -127,20 +136,52 @@ def sample_tokens(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
     rows = int(np.prod(lead)) if lead else 1
     b = _block_size(V)
     nb = V // b
-    blocks = weights.reshape(rows * nb, b)
-    mass = blocks.sum(axis=-1, dtype=np.float64)  # (rows * nb,)
-    cs = np.cumsum(mass)
-    ends = cs[nb - 1 :: nb]  # (rows,) C_i
-    starts = np.concatenate(([0.0], ends[:-1]))
-    q = (starts[:, None] + u.reshape(rows, n) * (ends - starts)[:, None]).ravel()  # (rows * n,)
-    order = np.argsort(q)  # sorted queries walk the CDF in memory order (cache friendly)
-    blk = np.empty(q.size, dtype=np.int64)
-    blk[order] = np.searchsorted(cs, q[order], side="right")
-    row = np.repeat(np.arange(rows), n)
-    blk = np.clip(blk, row * nb, row * nb + nb - 1)  # guards the last ulp of a row
-    rest = q - (cs[blk] - mass[blk])  # mass still to walk inside the block
-    # (cast first: NumPy's cumsum with a dtype= conversion is several times slower than on float64 input)
-    within = np.cumsum(blocks[blk].astype(np.float64, copy=False), axis=-1)  # (rows * n, b)
-    j = np.minimum((within <= rest[:, None]).sum(axis=-1), b - 1)
-    tok = (blk - row * nb) * b + j
-    return tok.reshape(lead + (n,))
+    blocks = weights.reshape(rows, nb, b)
+    mass = np.einsum("rjb->rj", blocks)  # (rows, nb) block masses, in the weights' dtype
+    cdf = np.cumsum(mass, axis=-1, dtype=np.float64)  # (rows, nb), row-local
+    total = cdf[:, -1:]
+    ok = (total[:, 0] > 0) & np.isfinite(total[:, 0])
+    if not ok.all():
+        bad = int(np.flatnonzero(~ok)[0])
+        raise ValueError(f"row {bad} of weights has sum {float(total[bad, 0])!r}: sampling needs a finite "
+                         f"positive sum")
+    q = u.reshape(rows, n) * total  # (rows, n) in [0, total]
+    blk = _count_le(cdf[:, None, :], q[:, :, None])  # the first block whose partial sum exceeds q
+    blk = _last_positive(mass, np.broadcast_to(np.arange(rows)[:, None], blk.shape), blk)
+    excl = np.take_along_axis(cdf, np.maximum(blk - 1, 0), axis=-1)
+    rest = (q - np.where(blk > 0, excl, 0.0)).reshape(-1)  # (rows n,) mass still to walk in the block
+    w = np.take(blocks.reshape(rows * nb, b), (np.arange(rows)[:, None] * nb + blk).reshape(-1), axis=0)
+    w = w.astype(np.float64, copy=False)  # (rows n, b)
+    j = _count_le(w @ _upper_ones(b), rest[:, None])  # partial sums w_0 + ... + w_t: exact 0/1 weights
+    j = _last_positive(w, np.arange(rows * n), j)
+    return (blk * b + j.reshape(rows, n)).reshape(lead + (n,))
+
+
+@functools.lru_cache(maxsize=64)
+def _upper_ones(b: int) -> np.ndarray:
+    """``(b, b)`` float64 upper-triangular ones (read-only): ``w @ U`` is the partial sums of ``w``."""
+    U = np.triu(np.ones((b, b)))
+    U.setflags(write=False)
+    return U
+
+
+def _count_le(a: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``sum(a <= x, axis=-1)`` as int64 (through a uint8 product: NumPy's bool sum is slow)."""
+    le = a <= x
+    width = le.shape[-1]
+    if width >= 256:
+        return le.sum(axis=-1)
+    return (le.view(np.uint8) @ np.ones(width, np.uint8)).astype(np.int64)
+
+
+def _last_positive(w: np.ndarray, row: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """``j`` where it is a valid index into the rows of ``w (N, width)``, else (``j == width``: the sample's
+    ``q`` rounded onto the row's total) the last index of positive weight in row ``row``, so a weight-0
+    entry is never returned. ``row`` and ``j`` have the same shape."""
+    width = w.shape[-1]
+    over = j >= width
+    if not over.any():
+        return j
+    j = j.copy()
+    j[over] = width - 1 - np.argmax(w[row[over]][:, ::-1] > 0, axis=-1)
+    return j

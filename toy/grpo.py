@@ -43,7 +43,8 @@ import theory
 from theory.diagnostics import batch_statistics, masked_mean, tabular_entropy_change
 from theory.rules import Rule, TokenBatch, make_rule
 
-from .bandit import Bandit, sample_tokens
+from . import kernels
+from .bandit import Bandit
 
 __all__ = ["GRPOConfig", "ToyState", "init_state", "step", "policy_features", "is_diagnostic"]
 
@@ -78,8 +79,9 @@ class GRPOConfig:
         policy: ``"tabular"`` or ``"linear"`` (see the module docstring).
         n_features: ``d`` of the linear policy.
         feature_seed: seed of the linear policy's fixed features (shared by all runs).
-        dtype: the parameters' and the rollout's float type. ``"float32"`` is ~3x faster here (NumPy's
-            float64 ``exp`` is not vectorised); the theory diagnostics are always computed in float64.
+        dtype: the parameters' and the rollout's float type. ``"float32"`` is faster (1.4x on the
+            project's 2-core Xeon, ``BENCHMARKS.md``: half the bytes per pass); the theory diagnostics
+            are always computed in float64.
     """
 
     algorithm: Literal["grpo", "reinforce"] = "grpo"
@@ -142,6 +144,7 @@ class ToyState:
     params: np.ndarray
     rngs: list[np.random.Generator]
     features: np.ndarray | None = None
+    streams: kernels.RunStreams | None = None  # ``rngs`` drawn ahead (created by the first step)
     step: int = 0
     adam_m: np.ndarray | None = None
     adam_v: np.ndarray | None = None
@@ -224,47 +227,9 @@ def _all_valid(shape: tuple[int, ...]) -> np.ndarray:
     return np.ones((R, M * G, T), dtype=bool)
 
 
-def _workspace(state: ToyState, z: np.ndarray) -> dict[str, np.ndarray]:
-    """Three ``(R, M, T, V)`` scratch arrays kept in the state: a step allocates no large array.
-
-    Fresh multi-MB arrays cost page faults on every step (about as much as the arithmetic here).
-    """
-    work = state.extras.get("work")
-    if work is None or work["s"].shape != z.shape or work["s"].dtype != z.dtype:
-        work = {k: np.empty_like(z) for k in ("s", "e", "g")}
-        state.extras["work"] = work
-    return work
-
-
-def _softmax_parts(z: np.ndarray, work: dict[str, np.ndarray]):
-    """``s = z - max z``, ``e = exp(s)`` (into ``work``), ``Z = sum e`` and ``log Z`` (``(R, M, T)``).
-
-    The shared first half of every softmax computation (as ``theory.rowstats.shifted_moments``):
-    ``p = e / Z``, ``log p = s - log Z``, ``H = log Z - sum(e s) / Z``. Toy logits are always finite.
-    """
-    s, e = work["s"], work["e"]
-    np.subtract(z, z.max(axis=-1, keepdims=True), out=s)
-    np.exp(s, out=e)
-    Z = e.sum(axis=-1)
-    return s, e, Z, np.log(Z)
-
-
 def _token_logp(s: np.ndarray, logZ: np.ndarray, flat: np.ndarray) -> np.ndarray:
     """``log p`` of each sampled token ``(R, M, G, T)`` from the softmax parts ``s``, ``log Z``."""
     return _gather(s, flat) - logZ.reshape(-1)[flat // s.shape[-1]]
-
-
-def _add_logit_gradient(coef: np.ndarray, flat: np.ndarray, e: np.ndarray, Z: np.ndarray,
-                        out: np.ndarray) -> np.ndarray:
-    """``out = sum`` over each state's tokens of ``coef * (e_k - p)``, ``p = e / Z``: ``(R, M, T, V)``.
-
-    ``d log p_k / dz = e_k - p`` (E5), so this is the logit gradient of ``sum coef * log p_k``. ``out``
-    (a workspace array of ``e``'s shape and dtype) is overwritten: no page faults.
-    """
-    factor = (-coef.sum(axis=2) / Z).astype(e.dtype)[..., None]  # (R, M, T, 1), the policy's dtype
-    np.multiply(e, factor, out=out)
-    np.add.at(out.reshape(-1), flat.ravel(), coef.ravel())
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,11 +237,19 @@ def _add_logit_gradient(coef: np.ndarray, flat: np.ndarray, e: np.ndarray, Z: np
 
 
 def _draw(state: ToyState, M: int, T: int, G: int):
-    """Every uniform a step needs, one call per run: tokens ``(R, M, T, G)``, rewards ``(R, M, G)`` and
-    rule noise ``(R, M*G, T)``. The noise is drawn even without a rule: every configuration sees the same
-    samples (common random numbers), so a rule that changes nothing reproduces plain GRPO exactly."""
+    """Every uniform a step needs, from each run's own stream (drawn ahead in blocks of steps by
+    :class:`toy.kernels.RunStreams`, the same numbers as one call per run and step): tokens
+    ``(R, M, T, G)``, rewards ``(R, M, G)`` and rule noise ``(R, M*G, T)``. The noise is drawn even
+    without a rule: every configuration sees the same samples (common random numbers), so a rule that
+    changes nothing reproduces plain GRPO exactly."""
     n_tok, n_rew = M * T * G, M * G
-    u = np.stack([g.random(n_tok + n_rew + M * G * T) for g in state.rngs])  # (R, n)
+    if state.streams is None or state.streams.rngs is not state.rngs:
+        if state.streams is not None and state.streams.pending:
+            raise ValueError("state.rngs was replaced while its generators had run ahead of the steps "
+                             f"({state.streams.pending} uniforms per run pending): slice state.streams "
+                             "with .select() as well")
+        state.streams = kernels.RunStreams(state.rngs)
+    u = state.streams.take(n_tok + n_rew + M * G * T)  # (R, n), one row per run's own stream
     R = u.shape[0]
     u_tok = u[:, :n_tok].reshape(R, M, T, G)
     u_rew = u[:, n_tok : n_tok + n_rew].reshape(R, M, G)
@@ -304,10 +277,11 @@ class _Rollout:
     rewards: np.ndarray  # (R, M, G)
     adv: np.ndarray  # each token's sequence advantage (a broadcast view of (R, M, G))
     noise: np.ndarray  # (R, M*G, T) the rule's uniforms
-    s: np.ndarray  # the softmax parts of z0 (:func:`_softmax_parts`; s and e live in the workspace)
+    s: np.ndarray  # the softmax parts of z0 (:func:`toy.kernels.softmax_parts`; s, e in the workspace)
     e: np.ndarray
     Z: np.ndarray
     logZ: np.ndarray
+    H: np.ndarray  # (R, M, T) the entropy of every state
 
 
 def _rollout(bandit: Bandit, cfg: GRPOConfig, state: ToyState, table: np.ndarray, z0: np.ndarray,
@@ -318,12 +292,13 @@ def _rollout(bandit: Bandit, cfg: GRPOConfig, state: ToyState, table: np.ndarray
     """
     M, T, V = bandit.shape
     u_tok, u_rew, noise = _draw(state, M, T, cfg.group_size)
-    s0, e0, Z0, logZ0 = _softmax_parts(z0, work)  # z - max z, exp of it (unnormalised p), sum, log sum
-    tokens = np.moveaxis(sample_tokens(e0, u_tok), -1, 2)  # (R, M, G, T)
+    # z - max z, exp of it (unnormalised p), sum, log sum, entropy, and the samples: one dense pass
+    s0, e0, Z0, logZ0, H0, tok = kernels.softmax_parts(z0, work, u_tok)
+    tokens = np.moveaxis(tok, -1, 2)  # (R, M, G, T)
     correct = bandit.score(tokens, table)  # (R, M, G)
     rewards = bandit.rewards(correct, u_rew)
     adv = np.broadcast_to(_advantages(bandit, cfg, state, rewards)[..., None], tokens.shape)
-    return _Rollout(tokens, _flat_index(tokens, V), correct, rewards, adv, noise, s0, e0, Z0, logZ0)
+    return _Rollout(tokens, _flat_index(tokens, V), correct, rewards, adv, noise, s0, e0, Z0, logZ0, H0)
 
 
 @dataclass
@@ -338,12 +313,10 @@ class _Behaviour:
     dev: np.ndarray | None = None  # S* - E_p[S]
 
 
-def _behaviour_stats(z0: np.ndarray, ro: _Rollout, work: dict[str, np.ndarray], *, theory_stats: bool,
-                     float64: bool) -> _Behaviour:
-    """Entropy and ``log p`` of the sampled tokens (reusing the sampling pass); with ``theory_stats`` also
+def _behaviour_stats(z0: np.ndarray, ro: _Rollout, *, theory_stats: bool, float64: bool) -> _Behaviour:
+    """Entropy and ``log p`` of the sampled tokens (from the sampling pass); with ``theory_stats`` also
     ``S*``, ``E_p[S]`` and the deviation, in float64 when ``float64`` (whenever the theory is checked)."""
-    # H = log Z - sum_i e_i s_i / Z: the computation of theory.entropy
-    H0 = ro.logZ - np.multiply(ro.e, ro.s, out=work["g"]).sum(axis=-1) / ro.Z  # (R, M, T)
+    H0 = ro.H  # log Z - sum_i e_i s_i / Z: the computation of theory.entropy
     beh = _Behaviour(H0, _token_logp(ro.s, ro.logZ, ro.flat).astype(np.float64),
                      np.broadcast_to(H0[:, :, None], ro.tokens.shape))
     if theory_stats:
@@ -417,7 +390,7 @@ def _ppo_epochs(cfg: GRPOConfig, state: ToyState, ro: _Rollout, beh: _Behaviour,
     for epoch in range(cfg.epochs):
         if epoch > 0:
             z = state.logits
-            s, e, Z, logZ = _softmax_parts(z, work)
+            s, e, Z, logZ, _, _ = kernels.softmax_parts(z, work, entropy=False)
             logp = _token_logp(s, logZ, flat)
         else:
             logp = logp_old
@@ -430,7 +403,11 @@ def _ppo_epochs(cfg: GRPOConfig, state: ToyState, ro: _Rollout, beh: _Behaviour,
             coef = coef - upd.kl_coef * np.sign(logp - logp_old) * scale
         if epoch == 0:
             first_coef = coef
-        grad_z = _add_logit_gradient(coef, flat, e, Z, out=work["g"])  # sum_k coef_k (e_k - p) (E5)
+        if state.features is None and cfg.optimizer == "sgd" and upd.entropy_coef is None:
+            # sum_k coef_k (e_k - p) (E5) and the SGD step on the logits, block by block in cache
+            kernels.logit_gradient(coef, flat, e, Z, work["g"], sgd_params=state.params, lr=cfg.lr)
+            continue
+        grad_z = kernels.logit_gradient(coef, flat, e, Z, work["g"])  # (E5)
         if upd.entropy_coef is not None:  # objective += c H  ->  logit gradient -c S (E2) at the state
             c_state = (upd.entropy_coef * scale).sum(axis=2)  # (R, M, T)
             grad_z -= c_state[..., None] * theory.discriminator(z)
@@ -526,9 +503,9 @@ def step(
     if z0.shape[1:] != bandit.shape:
         M, T, V = bandit.shape
         raise ValueError(f"state logits have shape {z0.shape}, the bandit needs (R, {M}, {T}, {V})")
-    work = _workspace(state, z0)
+    work = kernels.workspace(state.extras, z0)
     ro = _rollout(bandit, cfg, state, table, z0, work)  # 1. samples, rewards, advantages
-    beh = _behaviour_stats(z0, ro, work, theory_stats=diagnostics or cfg.rule is not None,
+    beh = _behaviour_stats(z0, ro, theory_stats=diagnostics or cfg.rule is not None,
                            float64=diagnostics)  # 2. H, log p, S*, E_p[S] under the behaviour policy
     upd = _apply_rule(cfg, state, ro, beh)  # 3. the rule's output (or the plain advantages)
     keep_f, scale = _normaliser(cfg, upd.keep, ro.tokens.shape)  # 4. the loss aggregation

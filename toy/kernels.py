@@ -1,0 +1,150 @@
+"""The toy's dense passes over the logits, per block of runs, and the runs' buffered random streams.
+
+A toy step touches every logit of every run a few times: the softmax parts ``s = z - max z``,
+``e = exp(s)``, ``Z``, ``log Z``, ``H`` and the samples (:func:`softmax_parts`), then the logit gradient
+``sum coef (e_k - p)`` and, for SGD, the parameter update (:func:`logit_gradient`). Everything else in a
+step is ``O(R M G T)``. These passes run here over blocks of whole runs:
+
+a block holds about :data:`BLOCK_ELEMENTS` logits, so its intermediates stay in a core's cache between
+the passes. Each run's numbers depend on that run's logits alone (row-local reductions and sampling), so
+any blocking gives the same bits, and a run gives the same result alone or in a batch
+(``tests/test_toy_grpo.py``).
+
+Threads were tried (two parts of the runs on a pool, NumPy releasing the GIL in its loops) and gave
+nothing dependable on the project's 2-core machine: a step's ~30 NumPy calls per block are too short for
+the GIL hand-off (``BENCHMARKS.md``). NumPy only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .bandit import sample_tokens
+
+__all__ = ["BLOCK_ELEMENTS", "RunStreams", "for_run_blocks", "softmax_parts", "logit_gradient", "workspace"]
+
+#: Logits per block of runs: ``2^18`` (1 MB of float32 per intermediate; 2 MB L2 per core on the
+#: project's CPUs); a sweep of 25..500 runs of K = 1,000 on the 2-core Xeon put 100-250 runs best.
+BLOCK_ELEMENTS = 1 << 18
+#: Uniforms buffered per run stream: at most this many float64 values for all runs together (4 MB).
+STREAM_BUFFER_VALUES = 1 << 19
+
+def for_run_blocks(fn: Callable[[int, int], None], runs: int, per_run: int) -> None:
+    """Call ``fn(r0, r1)`` on consecutive blocks ``[r0, r1)`` covering ``range(runs)``; ``per_run`` is the
+    number of logits of one run (``M T V``): a block holds about :data:`BLOCK_ELEMENTS` of them (at least
+    one run)."""
+    step = max(1, BLOCK_ELEMENTS // max(per_run, 1))
+    for r0 in range(0, runs, step):
+        fn(r0, min(r0 + step, runs))
+
+
+def workspace(extras: dict, z: np.ndarray) -> dict[str, np.ndarray]:
+    """Three ``(R, M, T, V)`` scratch arrays ``s``, ``e``, ``g`` kept in ``extras``: a step allocates no
+    large array (fresh multi-MB arrays cost page faults on every step, about as much as the arithmetic)."""
+    work = extras.get("work")
+    if work is None or work["s"].shape != z.shape or work["s"].dtype != z.dtype:
+        work = {k: np.empty_like(z) for k in ("s", "e", "g")}
+        extras["work"] = work
+    return work
+
+
+def softmax_parts(z: np.ndarray, work: dict[str, np.ndarray], u: np.ndarray | None = None, *,
+                  entropy: bool = True):
+    """The softmax parts of ``z (R, M, T, V)`` and, given uniforms ``u (R, M, T, n)``, ``n`` samples a state.
+
+    Returns ``(s, e, Z, log Z, H, tokens)``: ``s = z - max z`` and ``e = exp(s)`` (in ``work``), the
+    ``(R, M, T)`` arrays ``Z = sum e``, ``log Z`` and ``H = log Z - sum(e s) / Z`` (None without
+    ``entropy``), and ``tokens (R, M, T, n)`` drawn by :func:`toy.bandit.sample_tokens` from ``e`` (None
+    without ``u``; one call after the blocks: its ~20 small operations cost more per block than the cache
+    saves). So ``p = e / Z`` and ``log p = s - log Z``. Toy logits are always finite.
+    """
+    s, e = work["s"], work["e"]
+    lead = z.shape[:-1]
+    Z, logZ = np.empty(lead, z.dtype), np.empty(lead, z.dtype)
+    H = np.empty(lead, z.dtype) if entropy else None
+
+    def block(r0: int, r1: int) -> None:
+        zb, sb, eb = z[r0:r1], s[r0:r1], e[r0:r1]
+        np.subtract(zb, zb.max(axis=-1, keepdims=True), out=sb)
+        np.exp(sb, out=eb)
+        Zb = np.sum(eb, axis=-1, out=Z[r0:r1])
+        np.log(Zb, out=logZ[r0:r1])
+        if entropy:
+            np.subtract(logZ[r0:r1], np.vecdot(eb, sb) / Zb, out=H[r0:r1])
+
+    for_run_blocks(block, z.shape[0], int(np.prod(z.shape[1:])))
+    return s, e, Z, logZ, H, None if u is None else sample_tokens(e, u)
+
+
+def logit_gradient(coef: np.ndarray, flat: np.ndarray, e: np.ndarray, Z: np.ndarray, out: np.ndarray, *,
+                   sgd_params: np.ndarray | None = None, lr: float = 1.0) -> np.ndarray:
+    """``out = sum`` over each state's tokens of ``coef * (e_k - p)``, ``p = e / Z``: ``(R, M, T, V)``.
+
+    ``d log p_k / dz = e_k - p`` (E5 of arXiv 2602.03392), so this is the logit gradient of
+    ``sum coef * log p_k``; ``coef`` and ``flat`` (flat indices into ``(R, M, T, V)``) are ``(R, M, G, T)``.
+    ``out`` (a workspace array of ``e``'s shape and dtype) is overwritten and returned. With
+    ``sgd_params`` (the tabular logits) it is the SGD step instead: ``sgd_params += lr * gradient``, block
+    by block while the block is in cache (``lr`` folded into the per-state factor and the token
+    coefficients: one pass fewer); ``out`` is then scratch.
+    """
+    R = e.shape[0]
+    per_run = int(np.prod(e.shape[1:]))
+    c = 1.0 if sgd_params is None else lr
+    factor = (-c * coef.sum(axis=2) / Z).astype(e.dtype)[..., None]  # (R, M, T, 1), the policy's dtype
+    coef = c * coef if sgd_params is not None else coef
+    target = out if sgd_params is None else sgd_params
+
+    def block(r0: int, r1: int) -> None:
+        gb = np.multiply(e[r0:r1], factor[r0:r1], out=out[r0:r1])
+        if sgd_params is not None:
+            gb = np.add(sgd_params[r0:r1], gb, out=sgd_params[r0:r1])
+        np.add.at(gb.reshape(-1), flat[r0:r1].ravel() - r0 * per_run, coef[r0:r1].ravel())
+
+    for_run_blocks(block, R, per_run)
+    return target
+
+
+class RunStreams:
+    """One ``numpy.random.Generator`` per run, drawn ahead in blocks of steps.
+
+    ``take(n)`` returns the next ``n`` uniforms of every run, ``(R, n)`` float64 — exactly what
+    ``np.stack([g.random(n) for g in rngs])`` returns, because a generator's ``random(a + b)`` is its
+    ``random(a)`` followed by ``random(b)``. The draws are made many steps at a time (as many as fit
+    :data:`STREAM_BUFFER_VALUES`), so a step costs no per-run Python call (1,000 runs: 0.8 ms a step
+    before); the generators themselves run ahead of what was taken. ``select(idx)`` keeps some runs with
+    their pending draws.
+    """
+
+    def __init__(self, rngs: list[np.random.Generator]):
+        self.rngs = rngs
+        self._buf: np.ndarray | None = None
+        self._pos = 0
+
+    @property
+    def pending(self) -> int:
+        """Uniforms per run drawn from the generators and not yet taken."""
+        return 0 if self._buf is None else self._buf.shape[1] - self._pos
+
+    def take(self, n: int) -> np.ndarray:
+        """The next ``n`` uniforms of every run's stream, ``(R, n)`` (a view, valid until the next call)."""
+        if self._buf is None or self._pos + n > self._buf.shape[1]:
+            rest = np.empty((len(self.rngs), 0)) if self._buf is None else self._buf[:, self._pos :]
+            steps = max(1, STREAM_BUFFER_VALUES // max(n * len(self.rngs), 1))
+            buf = np.empty((len(self.rngs), rest.shape[1] + steps * n))
+            buf[:, : rest.shape[1]] = rest
+            for row, g in zip(buf[:, rest.shape[1] :], self.rngs, strict=True):
+                g.random(out=row)
+            self._buf, self._pos = buf, 0
+        u = self._buf[:, self._pos : self._pos + n]
+        self._pos += n
+        return u
+
+    def select(self, idx) -> RunStreams:
+        """The streams of runs ``idx`` (a slice or index array), with their pending draws."""
+        rows = np.arange(len(self.rngs))[idx]
+        out = RunStreams([self.rngs[i] for i in np.atleast_1d(rows)])
+        if self.pending:
+            out._buf, out._pos = self._buf[np.atleast_1d(rows)].copy(), self._pos
+        return out
