@@ -6,6 +6,8 @@ step in at most 30 s on 2 cores. The script measures, in one process and one run
 * ``vectorised``: :func:`toy.grpo.step` on all ``R`` runs at once, theory diagnostics off (they are an
   opt-in, measured separately as ``vectorised + diagnostics``), for float64 and float32 parameters;
   ``--steps`` steps are timed in full (default 1,000: the target's exact workload);
+* ``floor``: only the passes over the logits that every softmax GRPO step makes (max, exp, sum, one dense
+  ``z += c e``), for float32 and float64: the speed-up no vectorised step on this machine can exceed;
 * ``per-run loop``: the same algorithm written the obvious way — a Python loop over runs, each with its
   own generator, ``softmax``, ``Generator.choice`` sampling, group advantages and a NumPy logit update —
   timed on ``--loop-steps`` steps (default 20) of all ``R`` runs and extrapolated linearly to ``--steps``
@@ -57,6 +59,23 @@ def per_run_loop(bandit: Bandit, lr: float, G: int, runs: int, steps: int, seed:
     return time.perf_counter() - t0
 
 
+def dense_floor(runs: int, K: int, dtype: str, steps: int) -> float:
+    """The passes over the ``(R, K)`` logits that any GRPO step on a softmax makes, and nothing else:
+    ``max``, ``z - max``, ``exp``, ``sum`` (the normaliser) and a dense ``z += c * e`` (the gradient's
+    ``-sum(coef) p`` term). No sampling, no scoring. Returns seconds for ``steps`` steps."""
+    z = np.random.default_rng(0).standard_normal((runs, K)).astype(dtype)
+    s, e, g = np.empty_like(z), np.empty_like(z), np.empty_like(z)
+    c = np.full((runs, 1), 1e-6, dtype=dtype)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        np.subtract(z, z.max(axis=-1, keepdims=True), out=s)
+        np.exp(s, out=e)
+        e.sum(axis=-1)
+        np.multiply(e, c, out=g)
+        z += g
+    return time.perf_counter() - t0
+
+
 def vectorised(bandit: Bandit, cfg: GRPOConfig, runs: int, steps: int, seed: int, diagnostics: bool) -> float:
     state = init_state(bandit, cfg, runs=runs, seed=seed)
     table = bandit.correct_table()
@@ -91,6 +110,10 @@ def main() -> int:
         rows.append((f"vectorised {dtype}", args.steps, t / args.steps))
         print(f"  vectorised {dtype}: {t:.2f} s for {args.steps} steps ({1e3 * t / args.steps:.2f} ms/step)",
               flush=True)
+    for dtype in ("float32", "float64"):
+        t = dense_floor(args.runs, args.arms, dtype, args.steps)
+        rows.append((f"floor: softmax + dense update only, {dtype}", args.steps, t / args.steps))
+        print(f"  floor {dtype}: {1e3 * t / args.steps:.2f} ms/step", flush=True)
     cfg = GRPOConfig(group_size=args.group, lr=lr)
     t = vectorised(b, cfg, args.runs, args.diag_steps, args.seed, diagnostics=True)
     rows.append(("vectorised float64 + diagnostics", args.diag_steps, t / args.diag_steps))

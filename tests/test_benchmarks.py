@@ -35,3 +35,15 @@ def test_bench_trl_runs_our_trainer_on_the_tiny_model(tmp_path):
     runs = json.loads(js.read_text())["runs"]
     assert [r["config"] for r in runs] == ["ours"]
     assert len(runs[0]["steps"]) == 2 and all(s["wall_s"] > 0 for s in runs[0]["steps"])
+
+
+def test_bench_toy_reports_every_implementation_beside_the_loop(tmp_path):
+    js = tmp_path / "toy.json"
+    _run("benchmarks/bench_toy.py", "--runs", "4", "--arms", "20", "--steps", "3", "--loop-steps", "2",
+         "--diag-steps", "2", "--json", str(js))
+    rows = json.loads(js.read_text())["rows"]
+    names = [r["name"] for r in rows]
+    assert names[-1] == "per-run Python loop (float64)"
+    want = {"vectorised float32", "vectorised float64", "floor: softmax + dense update only, float32"}
+    assert want <= set(names)
+    assert all(r["s_per_step"] > 0 for r in rows)
