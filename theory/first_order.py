@@ -23,7 +23,7 @@ from ._xp import (
     namespace,
     take_last,
 )
-from .rowstats import row_blocks, row_statistics, shifted_moments
+from .rowstats import NUMPY_BLOCK_ELEMENTS, row_blocks, row_statistics, shifted_moments
 
 __all__ = [
     "prob_change_single_logit",
@@ -194,7 +194,48 @@ def entropy_change_first_order(logits: Array, dz: Array) -> Array:
         p, lp, H, dzb, bad = _block_parts(xp, zb, dzb)
         return (_nan_where(xp, bad, -xp.sum(p * (H + lp) * dzb, axis=-1)),)
 
+    if array_api_compat.is_numpy_namespace(xp):
+        return _numpy_first_order(z, dz, kernel)
     return row_blocks(xp, kernel, z, full=(dz,))[0]
+
+
+def _numpy_first_order(z, dz, kernel):
+    """(E4) for NumPy: ``-sum_i e_i dz_i (log p_i + H) / Z`` on :func:`_numpy_update_rows`' parts."""
+    import numpy as np
+
+    return _numpy_update_rows(z, dz, kernel, lambda L, e, Z, db: -np.vecdot(np.multiply(e, db, out=e), L) / Z)
+
+
+def _numpy_update_rows(z, dz, kernel, finish):
+    """A per-row function of ``(z, dz)`` for NumPy with the fewest passes per block, as
+    :func:`theory.rowstats._numpy_row_statistics`: per block of rows, ``e = exp(z - max z)`` and
+    ``L = log p + H`` in two reused buffers (``vecdot`` reductions), then ``finish(L, e, Z, dz)`` (which may
+    overwrite ``L`` and ``e``) gives the block's ``(n,)`` values; each term ``p_i (H + log p_i) ...`` is
+    formed before its sum, as in the array-API ``kernel``. A row whose value is not finite (masked logits:
+    ``0 * -inf``; a non-finite ``dz``) is recomputed by ``kernel``."""
+    import numpy as np
+
+    lead, V = z.shape[:-1], z.shape[-1]
+    z2, d2 = z.reshape(-1, V), dz.reshape(-1, V)
+    N, step = z2.shape[0], max(1, NUMPY_BLOCK_ELEMENTS // V)
+    out = np.empty(N, z.dtype)
+    s_buf, e_buf = np.empty((min(step, N), V), z.dtype), np.empty((min(step, N), V), z.dtype)
+    with np.errstate(invalid="ignore", over="ignore"):  # the rows recomputed below
+        for i in range(0, N, step):
+            zb, db = z2[i : i + step], d2[i : i + step]
+            n = zb.shape[0]
+            s, e = s_buf[:n], e_buf[:n]
+            np.subtract(zb, zb.max(axis=-1, keepdims=True), out=s)
+            np.exp(s, out=e)
+            Z = e.sum(axis=-1)
+            logZ = np.log(Z)
+            H = logZ - np.vecdot(e, s) / Z
+            np.add(s, (H - logZ)[:, None], out=s)  # L = log p + H
+            out[i : i + n] = finish(s, e, Z, db)
+    redo = np.flatnonzero(~np.isfinite(out))
+    if redo.size:
+        out[redo] = kernel(z2[redo], d2[redo])[0]
+    return out.reshape(lead)
 
 
 def grpo_logit_update(logits: Array, k: Array, alpha: Array | float) -> Array:
@@ -314,7 +355,21 @@ def entropy_change_second_order(logits: Array, dz: Array) -> Array:
         quad = -xp.sum(pdz * dzb * (L + 1.0), axis=-1) + 2.0 * a * b + b * b
         return (_nan_where(xp, bad, -a + 0.5 * quad),)
 
+    if array_api_compat.is_numpy_namespace(xp):
+        return _numpy_update_rows(z, dz, kernel, _second_order_finish)
     return row_blocks(xp, kernel, z, full=(dz,))[0]
+
+
+def _second_order_finish(L, e, Z, dz):
+    """The second-order block value from :func:`_numpy_update_rows`' ``L = log p + H``, ``e``, ``Z``."""
+    import numpy as np
+
+    np.multiply(e, dz, out=e)  # Z p dz
+    a = np.vecdot(e, L) / Z  # S . dz
+    b = e.sum(axis=-1) / Z
+    np.multiply(e, dz, out=e)  # Z p dz^2
+    L += 1.0
+    return -a + 0.5 * (-np.vecdot(e, L) / Z + 2.0 * a * b + b * b)
 
 
 def exact_entropy_change(logits: Array, dz: Array) -> Array:

@@ -13,9 +13,11 @@ and a sampled token's ``log p_k = s_k - log Z``, ``S* = p_k (H + log p_k)`` (E2)
 NumPy and :data:`TORCH_CPU_BLOCK_ELEMENTS` for torch on a CPU (each block is read once from memory and
 every further pass hits the cache), and of :data:`ACCELERATOR_BLOCK_ELEMENTS` on an accelerator (where a
 kernel launch per small block would cost more than the memory traffic it saves). NumPy has its own loop
-(reused buffers, ``vecdot`` reductions); every other namespace runs the array-API kernel through
-:func:`row_blocks`, as do the first-order functions of :mod:`theory.first_order`. On this project's CPU
-the exponential alone is ~6.5x one read of the logits (``BENCHMARKS.md``), so it sets the floor here.
+(reused buffers, ``vecdot`` reductions), and so do torch CPU tensors that carry no derivative (reused
+buffers, ``out=`` operations); every other case runs the array-API kernel through :func:`row_blocks`, as
+do the changes of :mod:`theory.first_order` (whose first- and second-order changes have a NumPy loop of
+the same kind). The exponential alone is 6.4-10.4x one read of the logits on this project's CPUs
+(``BENCHMARKS.md``), so it sets the floor here.
 
 Masked (``-inf``) logits: in the array-API kernel ``s`` is clamped to :data:`MASKED_SHIFT` (where ``exp``
 is exactly 0 in float32 and float64), so ``e_i s_i = 0`` with no ``0 * inf`` in the value or in the torch
@@ -23,7 +25,8 @@ gradient; the NumPy loop recomputes such rows with that kernel. Rows whose maxim
 ``+inf``, only ``-inf``) give NaN, as everywhere in :mod:`theory._xp`.
 
 All functions take NumPy or torch arrays and return the same namespace; torch results are
-differentiable (the blocks are concatenated, not written in place).
+differentiable whenever the input carries a derivative (then the kernel runs: its blocks are
+concatenated, not written in place).
 """
 
 from __future__ import annotations
