@@ -123,8 +123,10 @@ def sample_tokens(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
     to ``sqrt V``); the float64 cumulative sum of a row's block masses locates each sample's block (a
     comparison with the ``V / b`` partial sums) and the float64 partial sums of that block's ``b``
     weights (a product with a triangular matrix of ones) locate the token. The cost is one pass over
-    ``weights`` plus ``O(n (V / b + b))`` per row. The caller draws ``u`` from its own generator (no
-    hidden randomness).
+    ``weights`` plus ``O(n (V / b + b))`` per row. The block masses are summed in the weights' dtype, so
+    float32 weights are sampled to float32 precision (a sample whose ``u`` lies within that rounding of a
+    block's end may take the block's last positive token). The caller draws ``u`` from its own generator
+    (no hidden randomness).
 
     Raises:
         ValueError: if ``u`` has the wrong shape, or a row's weights do not have a finite positive sum.
