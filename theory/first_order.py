@@ -23,7 +23,7 @@ from ._xp import (
     namespace,
     take_last,
 )
-from .rowstats import NUMPY_BLOCK_ELEMENTS, row_blocks, row_statistics, shifted_moments
+from .rowstats import NUMPY_BLOCK_ELEMENTS, numpy_block_moments, row_blocks, row_statistics, shifted_moments
 
 __all__ = [
     "prob_change_single_logit",
@@ -225,11 +225,7 @@ def _numpy_update_rows(z, dz, kernel, finish):
             zb, db = z2[i : i + step], d2[i : i + step]
             n = zb.shape[0]
             s, e = s_buf[:n], e_buf[:n]
-            np.subtract(zb, zb.max(axis=-1, keepdims=True), out=s)
-            np.exp(s, out=e)
-            Z = e.sum(axis=-1)
-            logZ = np.log(Z)
-            H = logZ - np.vecdot(e, s) / Z
+            _, Z, logZ, H = numpy_block_moments(zb, s, e)
             np.add(s, (H - logZ)[:, None], out=s)  # L = log p + H
             out[i : i + n] = finish(s, e, Z, db)
     redo = np.flatnonzero(~np.isfinite(out))

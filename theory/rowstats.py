@@ -212,12 +212,7 @@ def _numpy_row_statistics(z, k, baseline: bool, block_elements: int) -> RowStati
             zb = z2[i : i + step]
             n = zb.shape[0]
             s, e = s_buf[:n], e_buf[:n]
-            np.max(zb, axis=-1, out=m[i : i + n])
-            np.subtract(zb, m[i : i + n, None], out=s)
-            np.exp(s, out=e)
-            Z = e.sum(axis=-1)
-            np.log(Z, out=logZ[i : i + n])
-            H[i : i + n] = logZ[i : i + n] - np.vecdot(e, s) / Z
+            m[i : i + n], Z, logZ[i : i + n], H[i : i + n] = numpy_block_moments(zb, s, e)
             if baseline:
                 np.multiply(e, e, out=e)  # e^2
                 np.add(s, (H[i : i + n] - logZ[i : i + n])[:, None], out=s)  # s + H - log Z
@@ -298,6 +293,20 @@ def _torch_row_statistics(xp, z, k, baseline: bool, block_elements: int) -> RowS
         if baseline:
             out["deviation"] = out["s_star"] - base
     return RowStatistics(**{f: None if v is None else v.reshape(lead) for f, v in out.items()})
+
+
+def numpy_block_moments(zb, s, e):
+    """The NumPy loops' shared start of a block ``zb (n, V)``: ``s = zb - max zb`` and ``e = exp(s)`` written
+    into the buffers ``s``, ``e``; returns ``(max, Z, log Z, H)``, each ``(n,)`` (``H`` by ``vecdot``: no
+    product array). Unclamped: masked entries give NaN, which the callers recompute with the kernel."""
+    import numpy as np
+
+    m = zb.max(axis=-1)
+    np.subtract(zb, m[:, None], out=s)
+    np.exp(s, out=e)
+    Z = e.sum(axis=-1)
+    logZ = np.log(Z)
+    return m, Z, logZ, logZ - np.vecdot(e, s) / Z
 
 
 def _s_star(xp, lp: Array, H: Array) -> Array:
