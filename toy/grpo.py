@@ -82,6 +82,9 @@ class GRPOConfig:
         dtype: the parameters' and the rollout's float type. ``"float32"`` is faster (1.4x on the
             project's 2-core Xeon, ``BENCHMARKS.md``: half the bytes per pass); the theory diagnostics
             are always computed in float64.
+        kernels: the backend of the dense passes over the logits (:mod:`toy.kernels`): ``"numba"``
+            (compiled per-row loops, :mod:`toy.fused`; 2.5-4x faster a step), ``"numpy"``, or ``"auto"``
+            (numba when installed). They agree to rounding, not bit for bit.
     """
 
     algorithm: Literal["grpo", "reinforce"] = "grpo"
@@ -101,6 +104,7 @@ class GRPOConfig:
     n_features: int = 16
     feature_seed: int = 0
     dtype: Literal["float64", "float32"] = "float64"
+    kernels: Literal["auto", "numba", "numpy"] = "auto"
 
     def __post_init__(self):
         if self.algorithm not in ("grpo", "reinforce"):
@@ -129,6 +133,8 @@ class GRPOConfig:
             raise ValueError(f"n_features must be >= 1, got {self.n_features!r}")
         if self.dtype not in ("float64", "float32"):
             raise ValueError(f"dtype must be 'float64' or 'float32', got {self.dtype!r}")
+        if self.kernels not in kernels.BACKENDS:
+            raise ValueError(f"kernels must be one of {kernels.BACKENDS}, got {self.kernels!r}")
         if self.rule is not None and not isinstance(self.rule, Rule):
             object.__setattr__(self, "rule", make_rule(self.rule))
 
@@ -227,9 +233,11 @@ def _all_valid(shape: tuple[int, ...]) -> np.ndarray:
     return np.ones((R, M * G, T), dtype=bool)
 
 
-def _token_logp(s: np.ndarray, logZ: np.ndarray, flat: np.ndarray) -> np.ndarray:
-    """``log p`` of each sampled token ``(R, M, G, T)`` from the softmax parts ``s``, ``log Z``."""
-    return _gather(s, flat) - logZ.reshape(-1)[flat // s.shape[-1]]
+def _token_logp(z: np.ndarray, m: np.ndarray, logZ: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """``log p = (z - m) - log Z`` of each sampled token ``(R, M, G, T)`` from the logits ``z`` and the
+    softmax parts ``m`` (each state's maximum logit) and ``log Z``."""
+    state = flat // z.shape[-1]
+    return (_gather(z, flat) - m.reshape(-1)[state]) - logZ.reshape(-1)[state]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,7 +285,8 @@ class _Rollout:
     rewards: np.ndarray  # (R, M, G)
     adv: np.ndarray  # each token's sequence advantage (a broadcast view of (R, M, G))
     noise: np.ndarray  # (R, M*G, T) the rule's uniforms
-    s: np.ndarray  # the softmax parts of z0 (:func:`toy.kernels.softmax_parts`; s, e in the workspace)
+    z: np.ndarray  # the behaviour logits z0 (tabular: the parameters, which the update changes in place)
+    m: np.ndarray  # the softmax parts of z0 (:func:`toy.kernels.softmax_parts`; e in the workspace)
     e: np.ndarray
     Z: np.ndarray
     logZ: np.ndarray
@@ -293,12 +302,13 @@ def _rollout(bandit: Bandit, cfg: GRPOConfig, state: ToyState, table: np.ndarray
     M, T, V = bandit.shape
     u_tok, u_rew, noise = _draw(state, M, T, cfg.group_size)
     # z - max z, exp of it (unnormalised p), sum, log sum, entropy, and the samples: one dense pass
-    s0, e0, Z0, logZ0, H0, tok = kernels.softmax_parts(z0, work, u_tok)
+    m0, e0, Z0, logZ0, H0, tok = kernels.softmax_parts(z0, work, u_tok,
+                                                       backend=kernels.resolve_backend(cfg.kernels))
     tokens = np.moveaxis(tok, -1, 2)  # (R, M, G, T)
     correct = bandit.score(tokens, table)  # (R, M, G)
     rewards = bandit.rewards(correct, u_rew)
     adv = np.broadcast_to(_advantages(bandit, cfg, state, rewards)[..., None], tokens.shape)
-    return _Rollout(tokens, _flat_index(tokens, V), correct, rewards, adv, noise, s0, e0, Z0, logZ0, H0)
+    return _Rollout(tokens, _flat_index(tokens, V), correct, rewards, adv, noise, z0, m0, e0, Z0, logZ0, H0)
 
 
 @dataclass
@@ -317,7 +327,7 @@ def _behaviour_stats(z0: np.ndarray, ro: _Rollout, *, theory_stats: bool, float6
     """Entropy and ``log p`` of the sampled tokens (from the sampling pass); with ``theory_stats`` also
     ``S*``, ``E_p[S]`` and the deviation, in float64 when ``float64`` (whenever the theory is checked)."""
     H0 = ro.H  # log Z - sum_i e_i s_i / Z: the computation of theory.entropy
-    beh = _Behaviour(H0, _token_logp(ro.s, ro.logZ, ro.flat).astype(np.float64),
+    beh = _Behaviour(H0, _token_logp(ro.z, ro.m, ro.logZ, ro.flat).astype(np.float64),
                      np.broadcast_to(H0[:, :, None], ro.tokens.shape))
     if theory_stats:
         f = np.float64 if float64 else z0.dtype
@@ -387,11 +397,12 @@ def _ppo_epochs(cfg: GRPOConfig, state: ToyState, ro: _Rollout, beh: _Behaviour,
     ratio_clipped = np.zeros(ro.tokens.shape, dtype=bool)
     first_coef = None
     z, e, Z = z0, ro.e, ro.Z
+    backend = kernels.resolve_backend(cfg.kernels)
     for epoch in range(cfg.epochs):
         if epoch > 0:
             z = state.logits
-            s, e, Z, logZ, _, _ = kernels.softmax_parts(z, work, entropy=False)
-            logp = _token_logp(s, logZ, flat)
+            m, e, Z, logZ, _, _ = kernels.softmax_parts(z, work, entropy=False, backend=backend)
+            logp = _token_logp(z, m, logZ, flat)
         else:
             logp = logp_old
         ratio = np.exp(logp - logp_old)
@@ -405,9 +416,10 @@ def _ppo_epochs(cfg: GRPOConfig, state: ToyState, ro: _Rollout, beh: _Behaviour,
             first_coef = coef
         if state.features is None and cfg.optimizer == "sgd" and upd.entropy_coef is None:
             # sum_k coef_k (e_k - p) (E5) and the SGD step on the logits, block by block in cache
-            kernels.logit_gradient(coef, flat, e, Z, work["g"], sgd_params=state.params, lr=cfg.lr)
+            kernels.logit_gradient(coef, flat, e, Z, work["g"], sgd_params=state.params, lr=cfg.lr,
+                                   backend=backend)
             continue
-        grad_z = kernels.logit_gradient(coef, flat, e, Z, work["g"])  # (E5)
+        grad_z = kernels.logit_gradient(coef, flat, e, Z, work["g"], backend=backend)  # (E5)
         if upd.entropy_coef is not None:  # objective += c H  ->  logit gradient -c S (E2) at the state
             c_state = (upd.entropy_coef * scale).sum(axis=2)  # (R, M, T)
             grad_z -= c_state[..., None] * theory.discriminator(z)

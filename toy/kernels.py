@@ -8,9 +8,12 @@ logits, so a block's intermediates stay in a core's cache between the passes. Ea
 on that run's logits alone (row-local reductions and sampling), so any blocking gives the same bits, and
 a run gives the same result alone or in a batch (``tests/test_toy_kernels.py``, ``tests/test_toy_grpo.py``).
 
-Threads were tried (two parts of the runs on a pool, NumPy releasing the GIL in its loops) and gave
-nothing dependable on the project's 2-core machine: a step's ~30 NumPy calls per block are too short for
-the GIL hand-off (``BENCHMARKS.md``). NumPy only.
+Two backends compute these passes (``GRPOConfig.kernels``): ``"numpy"``, NumPy calls on the blocks
+(threads on top were tried and gave nothing dependable on 2 cores: the calls are too short for the GIL
+hand-off), and ``"numba"``, :mod:`toy.fused`, each row's passes in one compiled loop nest on numba's
+threads (2.5-4x faster; the ``fast`` extra). ``"auto"`` takes numba when it is installed. The two agree
+to rounding (their ``exp`` and summation orders differ, so a sample whose uniform lies within rounding of
+a token boundary can differ); each is row-local, so either gives a run the same bits alone or in a batch.
 """
 
 from __future__ import annotations
@@ -21,7 +24,16 @@ import numpy as np
 
 from .bandit import sample_tokens
 
-__all__ = ["BLOCK_ELEMENTS", "RunStreams", "for_run_blocks", "softmax_parts", "logit_gradient", "workspace"]
+try:
+    from . import fused
+except ImportError:  # numba is not installed: the NumPy backend only
+    fused = None
+
+__all__ = ["BLOCK_ELEMENTS", "BACKENDS", "RunStreams", "for_run_blocks", "logit_gradient", "resolve_backend",
+           "softmax_parts", "workspace"]
+
+#: The names ``GRPOConfig.kernels`` takes.
+BACKENDS = ("auto", "numba", "numpy")
 
 #: Logits per block of runs: ``2^18`` (1 MB of float32 per intermediate; 2 MB L2 per core on the
 #: project's CPUs). On the 2-core Xeon, blocks of 100-200 runs of K = 1,000 were best (0.88x the
@@ -40,6 +52,22 @@ def for_run_blocks(fn: Callable[[int, int], None], runs: int, per_run: int) -> N
         fn(r0, min(r0 + step, runs))
 
 
+def resolve_backend(name: str) -> str:
+    """``"numba"`` or ``"numpy"`` for a :data:`BACKENDS` name (``"auto"``: numba when it is installed).
+
+    Raises:
+        ValueError: for an unknown name. ImportError: for ``"numba"`` without numba installed.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"kernels must be one of {BACKENDS}, got {name!r}")
+    if name == "numba" and fused is None:
+        raise ImportError("kernels='numba' needs numba: pip install 'entropy-dynamics[fast]' "
+                          "(or kernels='numpy')")
+    if name == "auto":
+        return "numpy" if fused is None else "numba"
+    return name
+
+
 def workspace(extras: dict, z: np.ndarray) -> dict[str, np.ndarray]:
     """Three ``(R, M, T, V)`` scratch arrays ``s``, ``e``, ``g`` kept in ``extras``: a step allocates no
     large array (fresh multi-MB arrays cost page faults on every step, about as much as the arithmetic)."""
@@ -51,23 +79,34 @@ def workspace(extras: dict, z: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def softmax_parts(z: np.ndarray, work: dict[str, np.ndarray], u: np.ndarray | None = None, *,
-                  entropy: bool = True):
+                  entropy: bool = True, backend: str = "numpy"):
     """The softmax parts of ``z (R, M, T, V)`` and, given uniforms ``u (R, M, T, n)``, ``n`` samples a state.
 
-    Returns ``(s, e, Z, log Z, H, tokens)``: ``s = z - max z`` and ``e = exp(s)`` (in ``work``), the
-    ``(R, M, T)`` arrays ``Z = sum e``, ``log Z`` and ``H = log Z - sum(e s) / Z`` (None without
-    ``entropy``), and ``tokens (R, M, T, n)`` drawn by :func:`toy.bandit.sample_tokens` from ``e`` (None
-    without ``u``; one call after the blocks: its ~20 small operations cost more per block than the cache
-    saves). So ``p = e / Z`` and ``log p = s - log Z``. Toy logits are always finite.
+    Returns ``(m, e, Z, log Z, H, tokens)``: the ``(R, M, T)`` maximum ``m`` of each state's logits,
+    ``e = exp(z - m)`` (in ``work``), the ``(R, M, T)`` arrays ``Z = sum e``, ``log Z`` and ``H = log Z -
+    sum(e s) / Z`` with ``s = z - m`` (None without ``entropy``), and ``tokens (R, M, T, n)`` drawn by
+    inverse CDF from ``e`` (None without ``u``). So ``p = e / Z`` and ``log p = (z - m) - log Z``. Toy
+    logits are always finite. ``backend`` is ``"numpy"`` (blocks of runs; the samples from
+    :func:`toy.bandit.sample_tokens` in one call after the blocks: its ~20 small operations cost more per
+    block than the cache saves) or ``"numba"`` (:func:`toy.fused.softmax_rows`).
     """
-    s, e = work["s"], work["e"]
     lead = z.shape[:-1]
-    Z, logZ = np.empty(lead, z.dtype), np.empty(lead, z.dtype)
+    if backend == "numba":
+        V = z.shape[-1]
+        n = 0 if u is None else u.shape[-1]
+        u2 = np.empty((int(np.prod(lead)), 0)) if u is None else u.reshape(-1, n)
+        m, Z, logZ, H, tok = fused.softmax_rows(np.ascontiguousarray(z).reshape(-1, V),
+                                                work["e"].reshape(-1, V), u2, entropy=entropy)
+        return (m.reshape(lead), work["e"], Z.reshape(lead), logZ.reshape(lead),
+                None if H is None else H.reshape(lead), None if u is None else tok.reshape(lead + (n,)))
+    s, e = work["s"], work["e"]
+    m, Z, logZ = np.empty(lead, z.dtype), np.empty(lead, z.dtype), np.empty(lead, z.dtype)
     H = np.empty(lead, z.dtype) if entropy else None
 
     def block(r0: int, r1: int) -> None:
         zb, sb, eb = z[r0:r1], s[r0:r1], e[r0:r1]
-        np.subtract(zb, zb.max(axis=-1, keepdims=True), out=sb)
+        mb = np.max(zb, axis=-1, out=m[r0:r1])
+        np.subtract(zb, mb[..., None], out=sb)
         np.exp(sb, out=eb)
         Zb = np.sum(eb, axis=-1, out=Z[r0:r1])
         np.log(Zb, out=logZ[r0:r1])
@@ -75,11 +114,12 @@ def softmax_parts(z: np.ndarray, work: dict[str, np.ndarray], u: np.ndarray | No
             np.subtract(logZ[r0:r1], np.vecdot(eb, sb) / Zb, out=H[r0:r1])
 
     for_run_blocks(block, z.shape[0], int(np.prod(z.shape[1:])))
-    return s, e, Z, logZ, H, None if u is None else sample_tokens(e, u)
+    return m, e, Z, logZ, H, None if u is None else sample_tokens(e, u)
 
 
 def logit_gradient(coef: np.ndarray, flat: np.ndarray, e: np.ndarray, Z: np.ndarray, out: np.ndarray, *,
-                   sgd_params: np.ndarray | None = None, lr: float = 1.0) -> np.ndarray:
+                   sgd_params: np.ndarray | None = None, lr: float = 1.0,
+                   backend: str = "numpy") -> np.ndarray:
     """``out = sum`` over each state's tokens of ``coef * (e_k - p)``, ``p = e / Z``: ``(R, M, T, V)``.
 
     ``d log p_k / dz = e_k - p`` (E5 of arXiv 2602.03392), so this is the logit gradient of
@@ -87,7 +127,8 @@ def logit_gradient(coef: np.ndarray, flat: np.ndarray, e: np.ndarray, Z: np.ndar
     ``out`` (a workspace array of ``e``'s shape and dtype) is overwritten and returned. With
     ``sgd_params`` (the tabular logits) it is the SGD step instead: ``sgd_params += lr * gradient``, block
     by block while the block is in cache (``lr`` folded into the per-state factor and the token
-    coefficients: one pass fewer); ``out`` is then scratch.
+    coefficients: one pass fewer); ``out`` is then scratch. Both backends give the same bits
+    (:func:`toy.fused.update_rows`).
     """
     R = e.shape[0]
     per_run = int(np.prod(e.shape[1:]))
@@ -95,6 +136,12 @@ def logit_gradient(coef: np.ndarray, flat: np.ndarray, e: np.ndarray, Z: np.ndar
     factor = (-c * coef.sum(axis=2) / Z).astype(e.dtype)[..., None]  # (R, M, T, 1), the policy's dtype
     coef = c * coef if sgd_params is not None else coef
     target = out if sgd_params is None else sgd_params
+    if backend == "numba":
+        V, G = e.shape[-1], coef.shape[2]
+        rows = lambda x: np.moveaxis(x, 2, -1).reshape(-1, G)  # noqa: E731  (R, M, G, T) -> (R M T, G)
+        fused.update_rows(target.reshape(-1, V), e.reshape(-1, V), factor.reshape(-1), rows(flat) % V,
+                          rows(coef), accumulate=sgd_params is not None)
+        return target
 
     def block(r0: int, r1: int) -> None:
         gb = np.multiply(e[r0:r1], factor[r0:r1], out=out[r0:r1])
