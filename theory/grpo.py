@@ -113,8 +113,9 @@ def grpo_advantages(
     if scale == "none":
         out = c * centred
     else:
-        if scale == "group":
-            std = xp.std(u, axis=-1, correction=correction, keepdims=True)  # (..., 1): std(R) / c
+        if scale == "group":  # std(R) / c from the centred values (NumPy's std: the same bits)
+            ss = xp.sum(centred * centred, axis=-1, keepdims=True)
+            std = xp.sqrt(ss / (G - correction))  # (..., 1); a tied group's centred values are 0
         else:
             n = array_api_compat.size(u)
             std = (xp.std(xp.reshape(u, (-1,)), correction=correction) if n > correction

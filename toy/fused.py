@@ -4,7 +4,7 @@
 each call is one more trip through the block (max, subtract, exp, sum, entropy, block masses, then the
 update). Here each row is done by compiled loops while it sits in L1: the row maximum, ``e = exp(z -
 max)``, then ``Z``, ``sum e s`` and the sampling's chunk masses, the inverse-CDF samples, and later the
-update ``z += factor e`` plus the sampled tokens' coefficients. The softmax rows are split over numba's
+update ``z += factor e`` plus the sampled tokens' coefficients. Blocks of rows are split over numba's
 threads; every number of a row depends on that row alone, so a run gives the same bits
 alone, in any batch and on any number of threads.
 
@@ -226,19 +226,26 @@ def softmax_rows(z: np.ndarray, e: np.ndarray, u: np.ndarray, *, entropy: bool =
     return m, Z, logZ, (H if entropy else None), tok
 
 
+@njit(error_model="numpy", parallel=True)
+def _update_rows(target, e, factor, tok, coef, accumulate):  # blocks of rows on the threads
+    N = e.shape[0]
+    nblocks = 64
+    per = (N + nblocks - 1) // nblocks
+    for b in prange(nblocks):
+        for r in range(b * per, min(N, (b + 1) * per)):
+            _update_row(target[r], e[r], factor[r], tok[r], coef[r], accumulate)
+
+
 @njit(error_model="numpy")
-def _update_rows(target, e, factor, tok, coef, accumulate):  # memory-bound: threads gave nothing
-    N, V = e.shape
-    for r in range(N):
-        tr, er, f = target[r], e[r], factor[r]
-        if accumulate:
-            for k in range(V):
-                tr[k] = tr[k] + er[k] * f
-        else:
-            for k in range(V):
-                tr[k] = er[k] * f
-        for g in range(tok.shape[1]):
-            tr[tok[r, g]] += coef[r, g]
+def _update_row(tr, er, f, tokr, coefr, accumulate):
+    if accumulate:
+        for k in range(er.size):
+            tr[k] = tr[k] + er[k] * f
+    else:
+        for k in range(er.size):
+            tr[k] = er[k] * f
+    for g in range(tokr.size):
+        tr[tokr[g]] += coefr[g]
 
 
 def update_rows(target: np.ndarray, e: np.ndarray, factor: np.ndarray, tok: np.ndarray, coef: np.ndarray, *,

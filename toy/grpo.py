@@ -377,7 +377,9 @@ def _normaliser(cfg: GRPOConfig, keep: np.ndarray | None, shape: tuple[int, ...]
     """``(keep_f, scale)``: the kept tokens as floats and each token's loss weight (the aggregation)."""
     R, M, G, T = shape
     keep_f = np.ones(shape) if keep is None else keep.astype(np.float64)
-    if cfg.aggregation == "token_mean":
+    if keep is None and cfg.aggregation != "constant":  # every token kept: the counts are known (exactly)
+        scale = keep_f / (M * G * T)
+    elif cfg.aggregation == "token_mean":
         scale = keep_f / np.maximum(keep_f.sum(axis=(1, 2, 3), keepdims=True), 1.0)
     elif cfg.aggregation == "seq_mean":
         scale = keep_f / (np.maximum(keep_f.sum(axis=-1, keepdims=True), 1.0) * (M * G))
