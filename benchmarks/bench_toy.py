@@ -4,10 +4,13 @@ Target (issue #4): 1,000 runs x 1,000 steps of GRPO on a K = 1,000-armed bandit 
 step in at most 30 s on 2 cores. The script measures, in one process and one run:
 
 * ``vectorised``: :func:`toy.grpo.step` on all ``R`` runs at once, theory diagnostics off (they are an
-  opt-in, measured separately as ``vectorised + diagnostics``), for float64 and float32 parameters;
-  ``--steps`` steps are timed in full (default 1,000: the target's exact workload);
-* ``floor``: only the passes over the logits that every softmax GRPO step makes (max, exp, sum, one dense
-  ``z += c e``), for float32 and float64: the speed-up no vectorised step on this machine can exceed;
+  opt-in, measured separately as ``vectorised + diagnostics``), for float64 and float32 parameters, with
+  the default kernels (``GRPOConfig.kernels="auto"``: numba's :mod:`toy.fused` when installed) and with
+  the NumPy kernels (``kernels="numpy"``); ``--steps`` steps are timed in full (default 1,000: the
+  target's exact workload);
+* ``NumPy floor``: only the NumPy passes over the logits that every softmax GRPO step makes (max, exp,
+  sum, one dense ``z += c e``), for float32 and float64: the speed-up no step built from NumPy calls can
+  exceed on this machine (the compiled kernels make one trip through a row per pass and can beat it);
 * ``per-run loop``: the same algorithm written the obvious way — a Python loop over runs, each with its
   own generator, ``softmax``, ``Generator.choice`` sampling, group advantages and a NumPy logit update —
   timed on ``--loop-steps`` steps (default 20) of all ``R`` runs and extrapolated linearly to ``--steps``
@@ -36,6 +39,7 @@ import numpy as np  # noqa: E402
 from benchmarks._common import cpu_model  # noqa: E402
 from toy.bandit import Bandit  # noqa: E402
 from toy.grpo import GRPOConfig, init_state, step  # noqa: E402
+from toy.kernels import resolve_backend  # noqa: E402
 
 
 def per_run_loop(bandit: Bandit, lr: float, G: int, runs: int, steps: int, seed: int) -> float:
@@ -79,7 +83,7 @@ def dense_floor(runs: int, K: int, dtype: str, steps: int) -> float:
 def vectorised(bandit: Bandit, cfg: GRPOConfig, runs: int, steps: int, seed: int, diagnostics: bool) -> float:
     state = init_state(bandit, cfg, runs=runs, seed=seed)
     table = bandit.correct_table()
-    step(bandit, cfg, state, table=table, diagnostics=diagnostics)  # warm-up (allocations)
+    step(bandit, cfg, state, table=table, diagnostics=diagnostics)  # warm-up (allocations, compilation)
     t0 = time.perf_counter()
     for _ in range(steps):
         step(bandit, cfg, state, table=table, diagnostics=diagnostics)
@@ -103,16 +107,19 @@ def main() -> int:
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"NumPy {np.__version__}")
     print(f"workload: R={args.runs} runs x K={args.arms} arms x G={args.group}, SGD lr={lr}, token mean")
+    print(f"kernels: auto = {resolve_backend('auto')}")
     rows = []
-    for dtype in ("float32", "float64"):
-        cfg = GRPOConfig(group_size=args.group, lr=lr, dtype=dtype)
-        t = vectorised(b, cfg, args.runs, args.steps, args.seed, diagnostics=False)
-        rows.append((f"vectorised {dtype}", args.steps, t / args.steps))
-        print(f"  vectorised {dtype}: {t:.2f} s for {args.steps} steps ({1e3 * t / args.steps:.2f} ms/step)",
-              flush=True)
+    for kernels in ("auto", "numpy"):
+        for dtype in ("float32", "float64"):
+            cfg = GRPOConfig(group_size=args.group, lr=lr, dtype=dtype, kernels=kernels)
+            name = f"vectorised {dtype}" + (", NumPy kernels" if kernels == "numpy" else "")
+            t = vectorised(b, cfg, args.runs, args.steps, args.seed, diagnostics=False)
+            rows.append((name, args.steps, t / args.steps))
+            print(f"  {name}: {t:.2f} s for {args.steps} steps ({1e3 * t / args.steps:.2f} ms/step)",
+                  flush=True)
     for dtype in ("float32", "float64"):
         t = dense_floor(args.runs, args.arms, dtype, args.steps)
-        rows.append((f"floor: softmax + dense update only, {dtype}", args.steps, t / args.steps))
+        rows.append((f"NumPy floor: softmax + dense update only, {dtype}", args.steps, t / args.steps))
         print(f"  floor {dtype}: {1e3 * t / args.steps:.2f} ms/step", flush=True)
     cfg = GRPOConfig(group_size=args.group, lr=lr)
     t = vectorised(b, cfg, args.runs, args.diag_steps, args.seed, diagnostics=True)

@@ -256,3 +256,21 @@ def test_s_star_accepts_a_python_scalar_entropy():
     got = T.s_star(torch.from_numpy(logp), 1.5)
     assert isinstance(got, torch.Tensor)
     np.testing.assert_allclose(got.numpy(), want)
+
+
+@pytest.mark.parametrize("G", [2, 3, 8, 16, 17])
+def test_last_axis_extreme_is_max_and_min_including_nan(G):
+    """The folded short-axis max/min (NumPy fast path of grpo_advantages) is exactly xp.max / xp.min."""
+    import array_api_compat.numpy as xp_np
+
+    from theory._xp import last_axis_extreme
+
+    rng = np.random.default_rng(G)
+    x = rng.standard_normal((100, 3, G))
+    x[5, 1, G // 2] = np.nan
+    x[7, 0] = 0.0
+    x[8, 0, 0] = -0.0
+    for largest, ref in ((True, np.max), (False, np.min)):
+        got = last_axis_extreme(xp_np, x, largest)
+        np.testing.assert_array_equal(got, ref(x, axis=-1, keepdims=True))
+        assert got.shape == (100, 3, 1)

@@ -30,6 +30,7 @@ import array_api_compat
 Array = Any  # any array-API array: numpy.ndarray, torch.Tensor, array_api_strict.Array, ...
 
 __all__ = [
+    "last_axis_extreme",
     "Array",
     "namespace",
     "as_float",
@@ -42,6 +43,23 @@ __all__ = [
     "broadcast_shape",
     "exclude_nonfinite",
 ]
+
+
+def last_axis_extreme(xp, x: Array, largest: bool) -> Array:
+    """``max`` (``largest``) or ``min`` of ``x (..., G)`` over its last axis, keepdims: ``(..., 1)``.
+
+    The same values as ``xp.max`` / ``xp.min`` (NaN propagates). For a short last axis on NumPy (``G <=
+    16``, at least 64 rows) it folds ``G`` elementwise ``maximum`` / ``minimum`` of the columns instead:
+    NumPy's reduction over a short contiguous axis costs ~60 us for ``(1000, 8)``, the fold ~10 us.
+    """
+    G = x.shape[-1]
+    if not (xp.__name__.endswith("numpy") and 2 <= G <= 16 and x.size >= 64 * G):
+        return (xp.max if largest else xp.min)(x, axis=-1, keepdims=True)
+    op = xp.maximum if largest else xp.minimum
+    out = op(x[..., 0:1], x[..., 1:2])
+    for g in range(2, G):
+        out = op(out, x[..., g : g + 1])
+    return out
 
 
 def namespace(*arrays: Array):

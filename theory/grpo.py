@@ -12,7 +12,7 @@ from typing import Literal
 
 import array_api_compat
 
-from ._xp import Array, as_float, broadcast_shape, namespace
+from ._xp import Array, as_float, broadcast_shape, last_axis_extreme, namespace
 
 __all__ = ["grpo_advantages", "effective_step_size", "ADVANTAGE_PRESETS"]
 
@@ -108,7 +108,7 @@ def grpo_advantages(
     u = r / c  # |u| < 2
     centred = u - xp.mean(u, axis=-1, keepdims=True)  # (..., G): (R - mean) / c
     # an all-equal group gets exactly 0 (the float mean of equal values can be off by an ulp)
-    tied = xp.max(r, axis=-1, keepdims=True) == xp.min(r, axis=-1, keepdims=True)  # (..., 1)
+    tied = last_axis_extreme(xp, r, True) == last_axis_extreme(xp, r, False)  # (..., 1)
     centred = xp.where(tied, xp.zeros_like(centred), centred)
     if scale == "none":
         out = c * centred
@@ -129,7 +129,7 @@ def grpo_advantages(
 
 def _pow2_scale(xp, r: Array, batch: bool) -> Array:
     """The power of two at or below ``max |r|`` of each group (last axis) or of all of ``r``; 1 for 0."""
-    m = xp.max(xp.abs(r), axis=-1, keepdims=True)  # (..., 1)
+    m = last_axis_extreme(xp, xp.abs(r), True)  # (..., 1)
     if batch:
         m = xp.max(m)
     pos = m > 0
