@@ -39,6 +39,8 @@ def pass_at_k(n: int, c, k: int):
         raise ValueError(f"k must lie in [1, n={n}], got {k!r}")
     xp = namespace(c)
     c = as_float(xp, c, "c")
+    if k == n:  # every sample drawn: the product below is exactly 1 for c = 0 and has a factor 0 otherwise
+        return xp.astype(c > 0, c.dtype)
     ratio, zero = xp.ones_like(c), xp.zeros_like(c)
     for j in range(k):  # (maximum, not clip: array-api-compat's clip costs ~25 us a call on NumPy)
         ratio = ratio * xp.maximum(n - c - j, zero) / (n - j)

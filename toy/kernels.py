@@ -39,8 +39,9 @@ BACKENDS = ("auto", "numba", "numpy")
 #: project's CPUs). On the 2-core Xeon, blocks of 100-200 runs of K = 1,000 were best (0.88x the
 #: unblocked passes; 25 runs 0.94x).
 BLOCK_ELEMENTS = 1 << 18
-#: Uniforms buffered per run stream: at most this many float64 values for all runs together (4 MB).
-STREAM_BUFFER_VALUES = 1 << 19
+#: Uniforms buffered per run stream: at most this many float64 values for all runs together (16 MB; a
+#: refill costs one generator call per run, ~2 us each).
+STREAM_BUFFER_VALUES = 1 << 21
 
 
 def for_run_blocks(fn: Callable[[int, int], None], runs: int, per_run: int) -> None:
