@@ -113,9 +113,12 @@ def grpo_advantages(
     if scale == "none":
         out = c * centred
     else:
-        if scale == "group":  # std(R) / c from the centred values (NumPy's std: the same bits)
-            ss = xp.sum(centred * centred, axis=-1, keepdims=True)
-            std = xp.sqrt(ss / (G - correction))  # (..., 1); a tied group's centred values are 0
+        if scale == "group" and xp.__name__.endswith("numpy"):
+            # std(R) / c from the centred values: NumPy's own std computes exactly this (the same bits,
+            # two reductions fewer); a tied group's centred values are 0, and so is its std
+            std = xp.sqrt(xp.sum(centred * centred, axis=-1, keepdims=True) / (G - correction))
+        elif scale == "group":
+            std = xp.std(u, axis=-1, correction=correction, keepdims=True)  # (..., 1): std(R) / c
         else:
             n = array_api_compat.size(u)
             std = (xp.std(xp.reshape(u, (-1,)), correction=correction) if n > correction
