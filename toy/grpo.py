@@ -83,7 +83,7 @@ class GRPOConfig:
             project's 2-core Xeon, ``BENCHMARKS.md``: half the bytes per pass); the theory diagnostics
             are always computed in float64.
         kernels: the backend of the dense passes over the logits (:mod:`toy.kernels`): ``"numba"``
-            (compiled per-row loops, :mod:`toy.fused`; 2.5-4x faster a step), ``"numpy"``, or ``"auto"``
+            (compiled per-row loops, :mod:`toy.fused`; 2.5-3.2x faster a step), ``"numpy"``, or ``"auto"``
             (numba when installed). They agree to rounding, not bit for bit.
     """
 

@@ -11,7 +11,7 @@ a run gives the same result alone or in a batch (``tests/test_toy_kernels.py``, 
 Two backends compute these passes (``GRPOConfig.kernels``): ``"numpy"``, NumPy calls on the blocks
 (threads on top were tried and gave nothing dependable on 2 cores: the calls are too short for the GIL
 hand-off), and ``"numba"``, :mod:`toy.fused`, each row's passes in one compiled loop nest on numba's
-threads (2.5-4x faster; the ``fast`` extra). ``"auto"`` takes numba when it is installed. The two agree
+threads (2.5-3.2x faster; the ``fast`` extra). ``"auto"`` takes numba when it is installed. The two agree
 to rounding (their ``exp`` and summation orders differ, so a sample whose uniform lies within rounding of
 a token boundary can differ); each is row-local, so either gives a run the same bits alone or in a batch.
 """
