@@ -189,9 +189,9 @@ def _row_sample(er, cdf, tot, ur, tokr):
 @njit(error_model="numpy", parallel=True)
 def _softmax_rows(expfn, z, e, u, m, Z, logZ, H, tok, want_h):
     N, V = z.shape
-    nthreads = 64
-    per = (N + nthreads - 1) // nthreads
-    for b in prange(nthreads):
+    nblocks = 64  # blocks of rows, shared out over the threads
+    per = (N + nblocks - 1) // nblocks
+    for b in prange(nblocks):
         acc = np.empty(16, z.dtype)
         cdf = np.empty((V + CHUNK - 1) // CHUNK, np.float64)
         for r in range(b * per, min(N, (b + 1) * per)):
